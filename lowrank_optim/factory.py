@@ -1,0 +1,82 @@
+"""Building optimizers from a model: ``param_groups``, ``create_optimizer``, ``available_optimizers``."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .optim import OPTIMIZERS, LowRankOptimizer
+
+
+def param_groups(
+    model: nn.Module, target_modules: Iterable[str] = ("attn", "mlp"), rank: int = 128, **group_kw: Any
+) -> list[dict[str, Any]]:
+    """Two param groups: the 2-D ``nn.Linear`` weights of modules whose qualified name
+    contains one of ``target_modules`` (projected, with ``rank`` and ``group_kw``), and
+    everything else (embeddings, norms, biases, the LM head: full-rank AdamW).
+
+    >>> opt = GaLoreAdamW(param_groups(model, ("attn", "mlp"), rank=128, update_proj_gap=200))
+    """
+    targets = tuple(target_modules)
+    if isinstance(target_modules, str) or not targets:
+        raise ValueError(f"param_groups: target_modules={target_modules!r} must be a non-empty list of name fragments")
+    low_rank_ids = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and any(t in module_name for t in targets):
+            low_rank_ids.add(id(module.weight))
+    low, dense = ([], []), ([], [])
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:  # tied weights appear once
+            continue
+        seen.add(id(p))
+        bucket = low if id(p) in low_rank_ids else dense
+        bucket[0].append(name)
+        bucket[1].append(p)
+    if not low[1]:
+        raise ValueError(
+            f"param_groups: no nn.Linear module name contains any of target_modules={list(targets)}; "
+            "check the names with [n for n, _ in model.named_modules()]"
+        )
+    groups = [{"params": low[1], "param_names": low[0], "rank": rank, **group_kw}]
+    if dense[1]:
+        groups.append({"params": dense[1], "param_names": dense[0]})
+    return groups
+
+
+def available_optimizers() -> list[str]:
+    """Names accepted by :func:`create_optimizer` (and by the Trainer as ``lowrank_<name>``)."""
+    return sorted(OPTIMIZERS)
+
+
+def create_optimizer(
+    name: str,
+    model_or_params: nn.Module | Iterable[torch.Tensor] | Iterable[dict],
+    target_modules: Iterable[str] = ("attn", "mlp"),
+    **kwargs: Any,
+) -> LowRankOptimizer:
+    """Build an optimizer by name.
+
+    Given a model and a ``rank``, the projected groups come from :func:`param_groups`
+    (``target_modules`` selects them); otherwise ``model_or_params`` is used as given.
+    Other keywords are the optimizer's hyperparameters; an unknown one is an error that
+    lists the valid ones.
+    """
+    key = name.lower().removeprefix("lowrank_")
+    if key not in OPTIMIZERS:
+        raise ValueError(f"create_optimizer: unknown optimizer {name!r}; available: {', '.join(available_optimizers())}")
+    cls = OPTIMIZERS[key]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"create_optimizer: {cls.__name__} has no option(s) {unknown}; valid ones are: {', '.join(accepted)}")
+    if isinstance(model_or_params, nn.Module):
+        if kwargs.get("rank") is not None:
+            params = param_groups(model_or_params, target_modules, rank=kwargs.pop("rank"))
+        else:
+            params = model_or_params.parameters()
+    else:
+        params = model_or_params
+    return cls(params, **kwargs)

@@ -1,0 +1,12 @@
+"""Optimizers by name; every class is a :class:`LowRankOptimizer`."""
+from .base import LowRankOptimizer, Update
+from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+
+#: ``create_optimizer`` / Trainer names -> classes.
+OPTIMIZERS: dict[str, type[LowRankOptimizer]] = {
+    "galore_adamw": GaLoreAdamW,
+    "galore_adamw8bit": GaLoreAdamW8bit,
+    "galore_adafactor": GaLoreAdafactor,
+}
+
+__all__ = ["OPTIMIZERS", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankOptimizer", "Update"]

@@ -1,0 +1,397 @@
+r"""``LowRankOptimizer``: the one template step every method in this package shares.
+
+For a parameter W with gradient G in a group with ``rank`` (a *projected* group)::
+
+    if projector.should_update():  basis <- projector.update(G)          (fp32, every T steps)
+                                    moments <- keep | reset | project     (``on_refresh``)
+    R   <- projector.project(G)                          low-rank gradient
+    R   <- transform_low_rank_grad(R)                    hook (e.g. Natural GaLore)
+    N, step_size <- moment_update(R)                     hook: Adam, 8-bit Adam, Adafactor
+    D   <- scale * projector.project_back(N)
+    D   <- full_rank_direction(D, G, R)                  hook (e.g. Fira's residual)
+    W   <- W (1 - lr wd);  W <- W - step_size D           decoupled decay, then the update
+
+A group without ``rank`` skips the projection and runs the same moment rule on G, which for
+Adam is ``torch.optim.AdamW`` to the bit.  Learning rate, bias correction and weight decay
+live here and nowhere else; methods override the small hooks, never the loop.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, ClassVar, Iterable, NamedTuple
+
+import torch
+from torch.optim import Optimizer
+
+from .. import _validate as V
+from ..projectors import PROJ_TYPES, REGISTRY, Projector, RefreshFailed, make_projector
+
+#: Hyperparameters every LowRankOptimizer group carries, with their checks.
+COMMON_CHECKS: dict[str, V.Check] = {
+    "lr": V.nonneg_float(),
+    "weight_decay": V.nonneg_float(),
+    "rank": V.int_at_least(1, optional=True),
+    "update_proj_gap": V.int_at_least(1),
+    "scale": V.real(),
+    "proj_type": V.choice(*PROJ_TYPES),
+    "projector": V.Check(lambda name: name in REGISTRY, "a registered projector: " + ", ".join(sorted(REGISTRY))),
+    "projector_args": V.Check(lambda d: isinstance(d, dict), "a dict of projector options", optional=True),
+    "on_refresh": V.choice("keep", "reset", "project"),
+    "decay_after_update": V.boolean(),
+    "seed": V.int_at_least(0),
+}
+
+#: Adam's own hyperparameters (shared by the Adam-based classes).
+ADAM_CHECKS: dict[str, V.Check] = {
+    "betas": V.betas(),
+    "eps": V.nonneg_float(),
+    "eps_style": V.choice("torch", "hf"),
+}
+
+
+class Update(NamedTuple):
+    """What a moment rule hands back: the direction ``numer / denom`` and its step size.
+
+    Keeping numerator and denominator apart lets a dense group finish with the same
+    ``addcdiv_`` as ``torch.optim.AdamW`` (bit-identical), while a projected group divides
+    once and projects the quotient back.  ``decay_lr`` overrides the lr used for weight
+    decay (Adafactor's relative step); it may be a 0-dim tensor (no host sync).
+    """
+
+    numer: torch.Tensor
+    denom: torch.Tensor | None
+    step_size: float
+    decay_lr: Any = None
+
+    def direction(self) -> torch.Tensor:
+        return self.numer if self.denom is None else self.numer / self.denom
+
+
+class LowRankOptimizer(Optimizer):
+    """Base class: param groups, lazy state, validation and the template step.
+
+    Subclasses set :attr:`method_checks` and usually override only the moment rule
+    (:meth:`init_moments`, :meth:`moment_update`, :meth:`remap_moments`) or the two
+    projection hooks (:meth:`transform_low_rank_grad`, :meth:`full_rank_direction`).
+
+    Layer-wise mode (``layerwise=True``) steps each parameter from a
+    ``register_post_accumulate_grad_hook`` as soon as its gradient is complete and then
+    frees the gradient, so full-rank gradients never coexist in memory.  It honours
+    ``accumulation_steps`` (the parameter is stepped on the last micro-batch only) and
+    ``max_grad_norm`` (clipped per parameter: a global norm would need every gradient at
+    once, which is exactly what this mode avoids).  In this mode :meth:`step` only runs
+    the closure; call it (and your LR scheduler) once per optimizer step as usual.
+    """
+
+    method_checks: ClassVar[dict[str, V.Check]] = ADAM_CHECKS
+    #: State keys the moment rule owns (dropped by ``on_refresh="reset"``).
+    moment_keys: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Iterable,
+        defaults: dict[str, Any],
+        *,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+    ):
+        owner = type(self).__name__
+        V.check_values(
+            owner,
+            {"accumulation_steps": accumulation_steps, "max_grad_norm": max_grad_norm, "layerwise": layerwise},
+            {
+                "accumulation_steps": V.int_at_least(1),
+                "max_grad_norm": V.pos_float(optional=True),
+                "layerwise": V.boolean(),
+            },
+            "the constructor",
+        )
+        V.check_values(owner, defaults, self.checks(), "the constructor")
+        if defaults.get("projector_args"):
+            REGISTRY[defaults["projector"]].validate_options(owner, defaults["projector_args"], "the constructor")
+        self.layerwise = layerwise
+        self.accumulation_steps = accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self._warned: set[int] = set()
+        self._hooks: list = []
+        super().__init__(params, defaults)  # validates each group through add_param_group
+        self.register_load_state_dict_pre_hook(_keep_state_dtypes_pre)
+        self.register_load_state_dict_post_hook(_keep_state_dtypes_post)
+
+    @classmethod
+    def checks(cls) -> dict[str, V.Check]:
+        return {**COMMON_CHECKS, **cls.method_checks}
+
+    # ------------------------------------------------------------------ validation
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group, len(self.param_groups) - 1)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        if self.layerwise:
+            self._register_layerwise_hooks(group)
+
+    def _validate_group(self, group: dict[str, Any], index: int) -> None:
+        owner, where = type(self).__name__, f"param group {index}"
+        V.check_known_keys(owner, group, {*self.defaults, "params", "param_names"}, f"key in {where}")
+        V.check_values(owner, group, self.checks(), where)
+        if group["rank"] is None:
+            return
+        projector_cls = REGISTRY[group["projector"]]
+        projector_cls.validate_options(owner, group.get("projector_args"), where)
+        names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
+        for name, p in zip(names, group["params"]):
+            reason = projector_cls.validate_shape(group["rank"], group["proj_type"], p.shape)
+            if reason:
+                raise ValueError(
+                    f"{owner}: parameter {name} (shape {tuple(p.shape)}) in {where} cannot be projected: {reason}"
+                )
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the loss with grad enabled."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.layerwise:
+            return loss  # parameters were stepped by their gradient hooks
+        for group in self.param_groups:
+            projector = make_projector(group)
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_param(p, group, projector)
+        return loss
+
+    def _step_param(self, p: torch.Tensor, group: dict, projector: Projector | None) -> None:
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        grad = p.grad
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            if projector is not None:
+                state["projector"] = projector.init_state(p.shape, self._param_seed(p, group))
+        if projector is not None:
+            pstate = state["projector"]
+            if projector.should_update(pstate) and not self._refresh(p, grad, group, state, projector):
+                return  # no usable basis this step: skip rather than corrupt the state
+            low = projector.project(grad, pstate)
+            projector.tick(pstate)
+        else:
+            low = grad
+        low = self.transform_low_rank_grad(low, state, group)
+        if state["step"] == 0:  # first step, or the moments were reset at a refresh
+            self.init_moments(low, state, group)
+        state["step"] += 1
+        update = self.moment_update(p, low, state, group)
+        self._apply_update(p, grad, low, update, state, group, projector)
+
+    def _apply_update(self, p, grad, low, update: Update, state, group, projector) -> None:
+        """Decoupled weight decay and the parameter update, in one place for every method."""
+        decay_lr = group["lr"] if update.decay_lr is None else update.decay_lr
+        decay = group["weight_decay"] != 0
+        if decay and not group["decay_after_update"]:
+            p.mul_(1 - decay_lr * group["weight_decay"])
+        if projector is None and update.denom is not None:
+            p.addcdiv_(update.numer, update.denom, value=-update.step_size)  # torch.optim.AdamW's op
+        else:
+            direction = update.direction()
+            if projector is not None:
+                direction = projector.project_back(direction, state["projector"]).mul_(group["scale"])
+            direction = self.full_rank_direction(direction, grad, low, state, group)
+            p.add_(direction.to(p.dtype), alpha=-update.step_size)
+        if decay and group["decay_after_update"]:
+            # The GaLore reference decays after the update: W <- W - lr wd W.
+            if isinstance(decay_lr, torch.Tensor):
+                p.sub_(p * (decay_lr * group["weight_decay"]))
+            else:
+                p.add_(p, alpha=-decay_lr * group["weight_decay"])
+
+    def _refresh(self, p, grad, group, state, projector: Projector) -> bool:
+        """New basis, then the moments per ``on_refresh``; False means skip this step."""
+        pstate = state["projector"]
+        had_basis = pstate["refreshes"] > 0
+        old = projector.bases(pstate, grad) if had_basis and group["on_refresh"] == "project" else None
+        try:
+            projector.update(grad, pstate)
+        except RefreshFailed as err:
+            self._warn_once(p, f"subspace refresh skipped, previous basis kept ({err})")
+            return had_basis and not err.nonfinite_gradient
+        if had_basis and state["step"] > 0:
+            if group["on_refresh"] == "reset":
+                for key in self.moment_keys:
+                    state.pop(key, None)
+                state["step"] = 0  # restart bias correction with the moments
+            elif group["on_refresh"] == "project":
+                a, b = projector.transition(old, projector.bases(pstate, grad))
+                self.remap_moments(state, a, b)
+        return True
+
+    # ------------------------------------------------------------------ hooks
+    def transform_low_rank_grad(self, low: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        """Hook: precondition the (low-rank) gradient before the moment rule."""
+        return low
+
+    def full_rank_direction(self, direction, grad, low, state: dict, group: dict) -> torch.Tensor:
+        """Hook: adjust the full-size update direction (already scaled and projected back)."""
+        return direction
+
+    def init_moments(self, low: torch.Tensor, state: dict, group: dict) -> None:
+        """Hook: create the moment tensors for a gradient shaped like ``low``."""
+        state["exp_avg"] = torch.zeros_like(low, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(low, memory_format=torch.preserve_format)
+
+    def moment_update(self, p: torch.Tensor, low: torch.Tensor, state: dict, group: dict) -> Update:
+        r"""Hook: Adam.  ``eps_style="torch"``: :math:`\hat m/(\sqrt{\hat v}+\epsilon)`, as
+        ``torch.optim.AdamW``; ``"hf"``: :math:`m/(\sqrt v+\epsilon)` scaled by
+        :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`, as ``galore_torch`` and the old HF AdamW."""
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        bias_correction1 = 1 - beta1**t
+        bias_correction2 = 1 - beta2**t
+        if group.get("eps_style", "torch") == "torch":
+            exp_avg.lerp_(low, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+            denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
+            return Update(exp_avg, denom, group["lr"] / bias_correction1)
+        exp_avg.mul_(beta1).add_(low, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+        denom = exp_avg_sq.sqrt().add_(group["eps"])
+        return Update(exp_avg, denom, group["lr"] * math.sqrt(bias_correction2) / bias_correction1)
+
+    def remap_moments(self, state: dict, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """Hook: re-express the moments in a new basis, R_new = A R_old B.
+
+        The first moment is linear in R and maps exactly.  The second moment is a mean of
+        squares: mapping it with the squared transition entries is exact when the old
+        coordinates are uncorrelated and always keeps it non-negative.
+        """
+        state["exp_avg"].copy_(linear_map(state["exp_avg"], a, b))
+        state["exp_avg_sq"].copy_(linear_map(state["exp_avg_sq"], square(a), square(b)))
+
+    # ------------------------------------------------------------------ layer-wise mode
+    def _register_layerwise_hooks(self, group: dict) -> None:
+        for p in group["params"]:
+            if p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._layerwise_hook))
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        for group in self.param_groups:  # load_state_dict replaces the group dicts: look up live
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter is not managed by this optimizer")
+
+    @torch.no_grad()
+    def _layerwise_hook(self, p: torch.Tensor) -> None:
+        state = self.state[p]
+        micro = state.get("micro_batches", 0) + 1
+        if micro < self.accumulation_steps:
+            state["micro_batches"] = micro  # keep accumulating into p.grad
+            return
+        state["micro_batches"] = 0
+        if self.max_grad_norm is not None:
+            norm = p.grad.norm()
+            p.grad.mul_(torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0))
+        group = self._group_of(p)
+        self._step_param(p, group, make_projector(group))
+        p.grad = None  # the point of layer-wise mode: free the full gradient now
+
+    def remove_hooks(self) -> None:
+        """Detach the layer-wise gradient hooks (e.g. before handing the model elsewhere)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    # ------------------------------------------------------------------ helpers
+    def _param_seed(self, p: torch.Tensor, group: dict) -> int:
+        """Seed from the parameter's position: identical on every data-parallel rank."""
+        position = 0
+        for g in self.param_groups:
+            for q in g["params"]:
+                if q is p:
+                    return group["seed"] * 1_000_003 + position
+                position += 1
+        raise KeyError("parameter is not managed by this optimizer")
+
+    def _warn_once(self, p: torch.Tensor, message: str) -> None:
+        key = id(p)
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"{type(self).__name__}: parameter of shape {tuple(p.shape)}: {message}", RuntimeWarning)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Checkpoints pickled by an older release lack newer options: fill their defaults.
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+
+_LOOP_OPTIONS = ("layerwise", "accumulation_steps", "max_grad_norm")
+
+
+def split_options(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Turn a subclass constructor's ``locals()`` into ``LowRankOptimizer.__init__`` kwargs.
+
+    Subclasses spell out every hyperparameter in their signature (for documentation and
+    for signature-driven tools such as the Trainer integration) and hand them on in one
+    line: the per-group ones become ``defaults``, the loop options stay keyword arguments.
+    """
+    arguments = {k: v for k, v in arguments.items() if k not in ("self", "__class__")}
+    params = arguments.pop("params")
+    loop = {k: arguments.pop(k) for k in _LOOP_OPTIONS if k in arguments}
+    return {"params": params, "defaults": arguments, **loop}
+
+
+def linear_map(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+    if a is not None:
+        x = a.to(x.dtype) @ x
+    if b is not None:
+        x = x @ b.to(x.dtype)
+    return x
+
+
+def square(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x * x
+
+
+# -------------------------------------------------------------------------- checkpoints
+# torch's load_state_dict casts every floating-point state tensor to its parameter's dtype.
+# Our state is deliberately mixed (fp32 8-bit block scales beside a bf16 weight), so the
+# pre-hook hides each floating tensor behind an integer view of the same bits and the
+# post-hook restores it: the state comes back bit for bit, on the parameter's device.
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BITS, _DTYPE = "__float_bits__", "__float_dtype__"
+
+
+def _hide_floats(value):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        bits = value.contiguous().view(_INT_VIEW[value.element_size()])
+        return {_BITS: bits, _DTYPE: str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, dict):
+        return {k: _hide_floats(v) for k, v in value.items()}
+    return value
+
+
+def _restore_floats(value):
+    if isinstance(value, dict):
+        if _BITS in value:
+            return value[_BITS].view(getattr(torch, value[_DTYPE]))
+        return {k: _restore_floats(v) for k, v in value.items()}
+    return value
+
+
+def _keep_state_dtypes_pre(optimizer: Optimizer, state_dict: dict) -> dict:
+    return {**state_dict, "state": {pid: _hide_floats(s) for pid, s in state_dict["state"].items()}}
+
+
+def _keep_state_dtypes_post(optimizer: Optimizer) -> None:
+    for p in list(optimizer.state):
+        optimizer.state[p] = _restore_floats(optimizer.state[p])

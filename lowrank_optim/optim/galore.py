@@ -1,0 +1,323 @@
+r"""GaLore: gradient low-rank projection (Zhao et al., ICML 2024, arXiv:2403.03507).
+
+For a weight W (m x n) in a group with ``rank`` r, every ``update_proj_gap`` = T steps the
+top-r singular vectors of the gradient give a basis P (the shorter side by default);
+between refreshes
+
+.. math::
+    R_t = P^\top G_t,\quad
+    M_t = \beta_1 M_{t-1} + (1-\beta_1) R_t,\quad
+    V_t = \beta_2 V_{t-1} + (1-\beta_2) R_t^2,
+
+.. math::
+    W_t = W_{t-1}(1 - \eta\lambda) - \eta\,\alpha\, P\,
+          \frac{\hat M_t}{\sqrt{\hat V_t} + \epsilon},
+
+with :math:`\hat M = M/(1-\beta_1^t)`, :math:`\hat V = V/(1-\beta_2^t)` (``torch.optim.AdamW``'s
+ε placement; ``eps_style="hf"`` gives the reference's), scale α = ``scale`` and decoupled
+decay λ applied before the update (``decay_after_update=True`` gives the reference's order).
+The optimizer state per matrix is the basis (m r) and two r x n moments instead of AdamW's
+2 m n.  Groups without ``rank`` get plain AdamW.
+
+Defaults follow ``torch.optim.AdamW`` (lr 1e-3, eps 1e-8, weight decay 1e-2) so that the
+swap from AdamW changes nothing but the projected groups; the paper's settings are
+``lr=0.01, scale=0.25, update_proj_gap=200`` with ranks 128/256/256/512 for LLaMA
+60M/130M/350M/1B, and ``galore_torch``'s arithmetic is ``eps=1e-6, eps_style="hf",
+decay_after_update=True``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from .. import _validate as V
+from .base import ADAM_CHECKS, LowRankOptimizer, Update, linear_map, split_options, square
+
+
+class GaLoreAdamW(LowRankOptimizer):
+    """GaLore with Adam moments on the low-rank gradient (module docstring has the math).
+
+    Args:
+        params: parameters or param groups; a group with ``rank`` is projected.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
+        rank: default rank for groups that do not set one (None: groups are dense).
+        update_proj_gap: T, steps between subspace refreshes.
+        scale: α, multiplies the projected-back update.
+        proj_type: ``std`` | ``reverse_std`` | ``left`` | ``right`` | ``full``.
+        projector: ``svd`` (exact) | ``rsvd`` (randomized) | ``random`` | any registered name.
+        projector_args: the projector's own options, e.g. ``{"oversample": 8}`` for rsvd.
+        on_refresh: what the moments do when the basis changes: ``keep`` (reference),
+            ``reset`` (zero them and restart bias correction) or ``project`` (re-express
+            them in the new basis).
+        eps_style: ``torch`` (ε after bias correction) or ``hf`` (ε on the raw √v).
+        decay_after_update: apply weight decay after the update, as ``galore_torch``.
+        seed: base seed of the randomized projectors (same on every data-parallel rank).
+        layerwise, accumulation_steps, max_grad_norm: layer-wise mode, see
+            :class:`~lowrank_optim.optim.base.LowRankOptimizer`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        projector: str = "svd",
+        projector_args: dict | None = None,
+        on_refresh: str = "keep",
+        eps_style: str = "torch",
+        decay_after_update: bool = False,
+        seed: int = 0,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+    ):
+        super().__init__(**split_options(locals()))
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError as err:  # optional dependency: only the 8-bit classes need it
+        raise ImportError(
+            "GaLoreAdamW8bit needs the 'bitsandbytes' package for its 8-bit moments: pip install bitsandbytes"
+        ) from err
+    return bnb_functional
+
+
+_QMAPS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _quantization_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' dynamic maps: signed for the first moment, unsigned for the second.
+
+    Constants shared by every parameter, so they are cached here and never stored in state.
+    """
+    if device not in _QMAPS:
+        F = _bitsandbytes()
+        _QMAPS[device] = (F.create_dynamic_map(signed=True).to(device), F.create_dynamic_map(signed=False).to(device))
+    return _QMAPS[device]
+
+
+class GaLoreAdamW8bit(LowRankOptimizer):
+    """GaLore with bitsandbytes' blockwise 8-bit Adam moments (blocks of 256).
+
+    The low-rank gradient R goes through ``bitsandbytes``' ``optimizer_update_8bit_blockwise``
+    (called by keyword: bitsandbytes 0.50 reordered ``Optimizer2State``'s positional
+    arguments, which turns the upstream class into a silent no-op) on a zero scratch tensor
+    with lr 1, which yields the bias-corrected Adam direction; projection back, scale,
+    weight decay and lr are then applied by the shared step.  Dense groups get 8-bit AdamW.
+    Moments of tensors with fewer than ``min_8bit_size`` elements stay fp32, as in
+    bitsandbytes.  ε is placed as in ``torch.optim.AdamW`` (bitsandbytes' only choice).
+    """
+
+    method_checks = {
+        "betas": ADAM_CHECKS["betas"],
+        "eps": ADAM_CHECKS["eps"],
+        "min_8bit_size": V.int_at_least(1),
+    }
+    moment_keys = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        projector: str = "svd",
+        projector_args: dict | None = None,
+        on_refresh: str = "keep",
+        min_8bit_size: int = 4096,
+        decay_after_update: bool = False,
+        seed: int = 0,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+    ):
+        _bitsandbytes()  # fail at construction, not at the first step
+        super().__init__(**split_options(locals()))
+
+    def init_moments(self, low: torch.Tensor, state: dict, group: dict) -> None:
+        if low.numel() < group["min_8bit_size"]:
+            state["exp_avg"] = torch.zeros_like(low, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(low, dtype=torch.float32)
+            return
+        blocks = math.ceil(low.numel() / 256)
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = torch.zeros_like(low, dtype=torch.uint8)
+            state[key + "_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=low.device)
+
+    def moment_update(self, p: torch.Tensor, low: torch.Tensor, state: dict, group: dict) -> Update:
+        if state["exp_avg"].dtype != torch.uint8:
+            return super().moment_update(p, low.float(), state, group)  # eps_style defaults to torch
+        signed_map, unsigned_map = _quantization_maps(low.device)
+        beta1, beta2 = group["betas"]
+        direction = torch.zeros_like(low, dtype=torch.float32)
+        _bitsandbytes().optimizer_update_8bit_blockwise(
+            optimizer_name="adam",
+            g=low.float().contiguous(),
+            p=direction,
+            state1=state["exp_avg"],
+            state2=state["exp_avg_sq"],
+            beta1=beta1,
+            beta2=beta2,
+            beta3=0.0,
+            alpha=0.0,
+            eps=group["eps"],
+            step=state["step"],
+            lr=1.0,  # the scratch tensor receives -m_hat / (sqrt(v_hat) + eps)
+            qmap1=signed_map,
+            qmap2=unsigned_map,
+            absmax1=state["exp_avg_absmax"],
+            absmax2=state["exp_avg_sq_absmax"],
+            weight_decay=0.0,
+            gnorm_scale=1.0,
+            skip_zeros=False,
+        )
+        return Update(direction.neg_(), None, group["lr"])
+
+    def remap_moments(self, state: dict, a, b) -> None:
+        if state["exp_avg"].dtype != torch.uint8:
+            return super().remap_moments(state, a, b)
+        F = _bitsandbytes()
+        for key, qmap, (ma, mb) in zip(
+            ("exp_avg", "exp_avg_sq"), _quantization_maps(state["exp_avg"].device), ((a, b), (square(a), square(b)))
+        ):
+            absmax = state[key + "_absmax"]
+            dense = F.dequantize_blockwise(state[key], absmax=absmax, code=qmap, blocksize=256)
+            codes, qstate = F.quantize_blockwise(linear_map(dense, ma, mb).contiguous(), code=qmap, blocksize=256)
+            state[key].copy_(codes)
+            absmax.copy_(qstate.absmax)
+
+
+class GaLoreAdafactor(LowRankOptimizer):
+    r"""GaLore with Adafactor (Shazeer & Stern 2018) on the low-rank gradient.
+
+    With :math:`\rho_t` = ``lr`` or, when ``relative_step``, :math:`\min(10^{-2}, 1/\sqrt t)`
+    (:math:`\min(10^{-6}t, 1/\sqrt t)` with ``warmup_init``), times
+    :math:`\max(\epsilon_2, \mathrm{RMS}(W))` when ``scale_parameter``:
+
+    .. math::
+        \hat\beta_{2t} = 1 - t^{c},\quad
+        r_t = \hat\beta_{2t} r_{t-1} + (1-\hat\beta_{2t})\,\mathrm{mean}_{cols}(R^2+\epsilon_1),\quad
+        c_t = \ldots\,\mathrm{mean}_{rows}(R^2+\epsilon_1),
+
+    :math:`U = R / \sqrt{r c^\top / \mathrm{mean}(r)}`, clipped to RMS ≤ d
+    (``clip_threshold``), times :math:`\rho_t`; with ``beta1`` an EMA of U; then
+    :math:`W \leftarrow W(1-\rho_t\lambda) - \alpha\,P U`.  The second moment is factored
+    (a row and a column vector) for matrices, so the state of an r x n low-rank gradient is
+    r + n numbers.  The RMS clip and ``max(eps2, RMS(W))`` are tensor ops: no host sync.
+    """
+
+    method_checks = {
+        "lr": V.nonneg_float(optional=True),
+        "eps": V.pair_of(V.nonneg_float()),
+        "clip_threshold": V.pos_float(),
+        "decay_rate": V.real(),
+        "beta1": V.unit_interval(optional=True),
+        "scale_parameter": V.boolean(),
+        "relative_step": V.boolean(),
+        "warmup_init": V.boolean(),
+    }
+    moment_keys = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        proj_type: str = "std",
+        projector: str = "svd",
+        projector_args: dict | None = None,
+        on_refresh: str = "keep",
+        decay_after_update: bool = False,
+        seed: int = 0,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+    ):
+        super().__init__(**split_options(locals()))
+
+    def _validate_group(self, group: dict, index: int) -> None:
+        super()._validate_group(group, index)
+        where = f"{type(self).__name__}: param group {index}"
+        if group["relative_step"] and group["lr"] is not None:
+            raise ValueError(f"{where}: lr={group['lr']!r} cannot be combined with relative_step=True; pass lr=None")
+        if not group["relative_step"] and group["lr"] is None:
+            raise ValueError(f"{where}: lr=None needs relative_step=True (or give an lr)")
+        if group["warmup_init"] and not group["relative_step"]:
+            raise ValueError(f"{where}: warmup_init=True requires relative_step=True")
+
+    def init_moments(self, low: torch.Tensor, state: dict, group: dict) -> None:
+        shape = low.shape
+        if group["beta1"] is not None:
+            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=low.device)
+        if low.dim() >= 2:
+            state["exp_avg_sq_row"] = torch.zeros(shape[:-1], dtype=torch.float32, device=low.device)
+            state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], dtype=torch.float32, device=low.device)
+        else:
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=low.device)
+
+    def moment_update(self, p: torch.Tensor, low: torch.Tensor, state: dict, group: dict) -> Update:
+        t = state["step"]
+        low = low.float()
+        rate = group["lr"]
+        if group["relative_step"]:
+            rate = min(1e-6 * t if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(t))
+        if group["scale_parameter"]:
+            rate = rate * _rms(p.float()).clamp(min=group["eps"][1])
+        beta2t = 1.0 - t ** group["decay_rate"]
+        squared = low.square().add_(group["eps"][0])
+        if "exp_avg_sq_row" in state:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.mul_(beta2t).add_(squared.mean(dim=-1), alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(squared.mean(dim=-2), alpha=1.0 - beta2t)
+            row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            update = (row_factor * col.unsqueeze(-2).rsqrt()).mul_(low)
+        else:
+            state["exp_avg_sq"].mul_(beta2t).add_(squared, alpha=1.0 - beta2t)
+            update = state["exp_avg_sq"].rsqrt().mul_(low)
+        update.div_((_rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+        update.mul_(rate)
+        if group["beta1"] is not None:
+            update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
+        return Update(update, None, 1.0, decay_lr=rate)
+
+    def remap_moments(self, state: dict, a, b) -> None:
+        # The factored second moment keeps one statistic per row and per column of R:
+        # only the rotated side's statistics mix (with squared weights), the other side's
+        # coordinates are unchanged by the new basis.
+        if "exp_avg" in state:
+            state["exp_avg"].copy_(linear_map(state["exp_avg"], a, b))
+        if "exp_avg_sq" in state:
+            state["exp_avg_sq"].copy_(linear_map(state["exp_avg_sq"], square(a), square(b)))
+        if a is not None and "exp_avg_sq_row" in state:
+            state["exp_avg_sq_row"].copy_(square(a) @ state["exp_avg_sq_row"])
+        if b is not None and "exp_avg_sq_col" in state:
+            state["exp_avg_sq_col"].copy_(state["exp_avg_sq_col"] @ square(b))
+
+
+def _rms(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.norm(2) / (tensor.numel() ** 0.5)

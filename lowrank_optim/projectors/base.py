@@ -1,0 +1,211 @@
+"""The projector abstraction shared by every low-rank optimizer.
+
+A :class:`Projector` is a stateless strategy configured from a param group (rank,
+``proj_type``, refresh gap and its own options).  Everything it remembers about one
+parameter lives in a plain dict of tensors and numbers inside ``optimizer.state[p]``, so
+checkpoints load with ``torch.load(weights_only=True)`` and two optimizers never share a
+projector object after ``load_state_dict``.
+
+Notation (METHODS.md): the gradient G is m x n.  A *left* basis P (m x r, orthonormal
+columns) gives R = P^T G (r x n); a *right* basis Q (r x n, orthonormal rows) gives
+R = G Q^T (m x r); ``full`` keeps both and gives R = P^T G Q^T (r x r).  The side is decided
+once, when the first basis is computed, and stored: it is never re-derived from the shape
+of a later tensor (the upstream ``reverse_std`` crash on square matrices comes from that).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from .._validate import Check, check_known_keys, check_values
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+
+def choose_side(proj_type: str, shape: torch.Size) -> str:
+    """GaLore's rule: ``std`` keeps the basis of the shorter side (right when m >= n)."""
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    return proj_type
+
+
+class RefreshFailed(RuntimeError):
+    """The new basis could not be computed; the caller keeps the previous one."""
+
+    def __init__(self, reason: str, nonfinite_gradient: bool = False):
+        super().__init__(reason)
+        self.nonfinite_gradient = nonfinite_gradient
+
+
+class Projector:
+    """Maps a full gradient to a low-rank one and an update back, per parameter.
+
+    Subclasses implement :meth:`compute_bases` (new bases from a gradient at a refresh)
+    and, when they do not store dense bases, :meth:`bases`.  Per-parameter state keys
+    used here: ``side`` (str), ``age`` (steps since the last refresh), ``refreshes``
+    (how many bases have been computed) and ``seed`` (per parameter, identical on every
+    data-parallel rank because it derives from the parameter's position).
+    """
+
+    name: ClassVar[str]
+    #: Options the projector accepts through ``projector_args`` and their defaults.
+    option_defaults: ClassVar[dict[str, Any]] = {}
+    option_checks: ClassVar[dict[str, Check]] = {}
+
+    def __init__(self, rank: int, proj_type: str = "std", update_proj_gap: int = 200, **options: Any):
+        self.rank = rank
+        self.proj_type = proj_type
+        self.update_proj_gap = update_proj_gap
+        for key, default in self.option_defaults.items():
+            setattr(self, key, options.get(key, default))
+
+    # ------------------------------------------------------------------ validation
+    @classmethod
+    def validate_options(cls, owner: str, options: Mapping[str, Any] | None, where: str) -> None:
+        options = dict(options or {})
+        check_known_keys(owner, options, cls.option_defaults, f"projector_args key for projector={cls.name!r}")
+        check_values(owner, options, cls.option_checks, where)
+
+    @classmethod
+    def validate_shape(cls, rank: int, proj_type: str, shape: torch.Size) -> str | None:
+        """Return why this parameter cannot be projected, or None."""
+        if len(shape) != 2:
+            return (
+                f"a {len(shape)}-D tensor cannot be projected: low-rank projection needs a 2-D "
+                "weight (a 1-D tensor such as a bias, a norm or a flattened shard has no rank "
+                "structure; reshape higher-order weights or put them in a group without 'rank')"
+            )
+        if rank > min(shape):
+            return f"rank={rank} is larger than the {shape[0]}x{shape[1]} matrix allows (at most {min(shape)})"
+        return None
+
+    # ------------------------------------------------------------------ schedule
+    def init_state(self, shape: torch.Size, seed: int) -> dict:
+        return {"side": choose_side(self.proj_type, shape), "age": 0, "refreshes": 0, "seed": seed}
+
+    def should_update(self, pstate: dict) -> bool:
+        """Refresh before the first step and then every ``update_proj_gap`` steps.
+
+        Counting the age since the last successful refresh gives GaLore's schedule
+        (steps 0, T, 2T, ...) and retries on the next step when a refresh failed.
+        """
+        return pstate["refreshes"] == 0 or pstate["age"] >= self.gap(pstate)
+
+    def gap(self, pstate: dict) -> int:
+        return self.update_proj_gap
+
+    def tick(self, pstate: dict) -> None:
+        pstate["age"] += 1
+
+    def update(self, grad: torch.Tensor, pstate: dict) -> None:
+        """Compute a new basis from ``grad`` (in fp32) and store it in ``pstate``.
+
+        Raises :class:`RefreshFailed` and leaves ``pstate`` untouched when the gradient is
+        not finite or the factorisation fails.  The finiteness check costs one host sync
+        per refresh (every T steps), never one per step.
+        """
+        matrix = grad.detach().float()
+        if not bool(torch.isfinite(matrix).all()):
+            raise RefreshFailed("the gradient has non-finite entries", nonfinite_gradient=True)
+        try:
+            new = self.compute_bases(matrix, pstate)
+        except (torch.linalg.LinAlgError, RuntimeError) as err:  # LAPACK/cuSOLVER failures
+            raise RefreshFailed(f"the factorisation failed: {err}") from err
+        if not all(bool(torch.isfinite(t).all()) for t in new.values()):
+            raise RefreshFailed("the factorisation returned non-finite values")
+        # Stored in the gradient's dtype, as the reference does: the subspace is computed
+        # in fp32 but a bf16 model keeps a bf16 basis (half the memory).
+        pstate.update({k: t.to(grad.dtype).contiguous() for k, t in new.items()})
+        pstate["age"] = 0
+        pstate["refreshes"] += 1
+
+    def compute_bases(self, matrix: torch.Tensor, pstate: dict) -> dict[str, torch.Tensor]:
+        """New bases for fp32 ``matrix``: ``{"left": P}``, ``{"right": Q}`` or both, per side.
+
+        Projectors that store dense bases implement this; those that store something else
+        (a seed, indices) override :meth:`update` and :meth:`bases` instead.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_bases or update")
+
+    # ------------------------------------------------------------------ projection
+    def bases(self, pstate: dict, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(P, Q): the left basis (m x r) and right basis (r x n); None for an unused side.
+
+        ``like`` gives the device and dtype for projectors that build their bases on use.
+        """
+        return pstate.get("left"), pstate.get("right")
+
+    def project(self, grad: torch.Tensor, pstate: dict) -> torch.Tensor:
+        left, right = self.bases(pstate, grad)
+        low = grad
+        if left is not None:
+            low = left.t() @ low
+        if right is not None:
+            low = low @ right.t()
+        return low
+
+    def project_back(self, low: torch.Tensor, pstate: dict) -> torch.Tensor:
+        left, right = self.bases(pstate, low)
+        full = low
+        if left is not None:
+            full = left @ full
+        if right is not None:
+            full = full @ right
+        return full
+
+    def transition(self, old: tuple, new: tuple) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(A, B) with R_new ~= A R_old B, to re-express moments in a new basis.
+
+        For a left basis A = P_new^T P_old; for a right basis B = Q_old Q_new^T.
+        """
+        (old_left, old_right), (new_left, new_right) = old, new
+        a = new_left.t() @ old_left if new_left is not None else None
+        b = old_right @ new_right.t() if new_right is not None else None
+        return a, b
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def generator(seed: int, refreshes: int, device: torch.device) -> torch.Generator:
+        """A generator that every data-parallel rank seeds identically for this refresh."""
+        gen = torch.Generator(device=device)
+        gen.manual_seed((seed * 1_000_003 + refreshes * 7_919) % (2**63 - 1))
+        return gen
+
+    def sides(self, pstate: dict) -> tuple[bool, bool]:
+        side = pstate["side"]
+        return side in ("left", "full"), side in ("right", "full")
+
+
+REGISTRY: dict[str, type[Projector]] = {}
+
+
+def register_projector(cls: type[Projector]) -> type[Projector]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_projector_class(name: str) -> type[Projector]:
+    return REGISTRY[name]
+
+
+def make_projector(group: Mapping[str, Any]) -> Projector | None:
+    """The projector configured by a param group, or None for a dense (full-rank) group."""
+    if group.get("rank") is None:
+        return None
+    cls = REGISTRY[group["projector"]]
+    return cls(group["rank"], group["proj_type"], group["update_proj_gap"], **(group.get("projector_args") or {}))
+
+
+def orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
+    """Q of a reduced QR: an orthonormal basis of the column space (fp32)."""
+    return torch.linalg.qr(matrix, mode="reduced").Q
+
+
+def unit_gaussian_scale(rank: int) -> float:
+    """Entries N(0, 1/r) make E[P P^T] the identity (a Johnson-Lindenstrauss sketch)."""
+    return 1.0 / math.sqrt(rank)

@@ -1,0 +1,51 @@
+"""Random projector: a seeded Gaussian or orthonormal basis that is never stored."""
+from __future__ import annotations
+
+import torch
+
+from .._validate import choice
+from .base import Projector, orthonormal_columns, register_projector, unit_gaussian_scale
+
+
+@register_projector
+class RandomProjector(Projector):
+    """A data-independent basis regenerated from its seed whenever it is used.
+
+    The state holds the seed and the refresh count (two integers), never the m x r
+    matrix: the basis is rebuilt on each projection, trading O(m r) random numbers (plus a
+    QR for ``orthonormal``) per step for the memory of the basis.
+
+    Options (``projector_args``): ``distribution`` = ``"orthonormal"`` (default: a
+    semi-orthogonal basis, like GaLore's singular vectors) or ``"gaussian"`` (entries
+    N(0, 1/r), so E[P P^T] = I as in a Johnson-Lindenstrauss sketch).
+    """
+
+    name = "random"
+    option_defaults = {"distribution": "orthonormal"}
+    option_checks = {"distribution": choice("orthonormal", "gaussian")}
+
+    def init_state(self, shape: torch.Size, seed: int) -> dict:
+        pstate = super().init_state(shape, seed)
+        pstate["shape"] = tuple(shape)
+        return pstate
+
+    def update(self, grad: torch.Tensor, pstate: dict) -> None:
+        # Nothing to factorise: a refresh only moves to the next seed, so a non-finite
+        # gradient cannot spoil it.
+        pstate["age"] = 0
+        pstate["refreshes"] += 1
+
+    def bases(self, pstate: dict, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        m, n = pstate["shape"]
+        device, dtype = like.device, like.dtype
+        gen = self.generator(pstate["seed"], pstate["refreshes"], device)
+        want_left, want_right = self.sides(pstate)
+        left = self._draw(m, gen, device).to(dtype) if want_left else None
+        right = self._draw(n, gen, device).t().to(dtype) if want_right else None
+        return left, right
+
+    def _draw(self, size: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+        sample = torch.randn(size, self.rank, generator=gen, device=device)
+        if self.distribution == "orthonormal":
+            return orthonormal_columns(sample)
+        return sample * unit_gaussian_scale(self.rank)

@@ -1,0 +1,59 @@
+"""Install lowrank_optim.
+
+The CUDA extension in csrc/ is optional: ``LOWRANK_OPTIM_BUILD_EXT=auto`` (default) builds it
+only when a CUDA toolkit and a CUDA build of torch are present, ``0`` never, ``1`` always
+(failing loudly).  Without it every op runs its pure-PyTorch kernel.
+"""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def cuda_extensions():
+    import os
+
+    mode = os.environ.get("LOWRANK_OPTIM_BUILD_EXT", "auto")
+    sources = sorted(str(p) for p in (HERE / "csrc").glob("*.c[up]*"))
+    if mode == "0" or not sources:
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        if mode == "1":
+            raise
+        return [], {}
+    if mode == "auto" and (CUDA_HOME is None or torch.version.cuda is None):
+        return [], {}
+    ext = CUDAExtension("lowrank_optim._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    name="lowrank_optim",
+    version="0.1.0",
+    description="Memory-efficient low-rank optimizers (GaLore family) for PyTorch",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lowrank_optim", "lowrank_optim.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "8bit": ["bitsandbytes>=0.45"],
+        "dev": [
+            "pytest>=8",
+            "bitsandbytes==0.50.2",
+            "galore-torch==1.0",
+            "transformers>=4.46",
+            "accelerate>=1.0",
+            "tqdm",
+        ],
+        "bench": ["tqdm", "transformers>=4.46", "matplotlib", "wandb"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
