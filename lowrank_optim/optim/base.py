@@ -204,7 +204,9 @@ class LowRankOptimizer(Optimizer):
         else:
             direction = update.direction()
             if projector is not None:
-                direction = projector.project_back(direction, state["projector"]).mul_(group["scale"])
+                # The basis has the gradient's dtype; fp32 rules (8-bit, Adafactor) cast down.
+                direction = projector.project_back(direction.to(grad.dtype), state["projector"])
+                direction.mul_(group["scale"])
             direction = self.full_rank_direction(direction, grad, low, state, group)
             p.add_(direction.to(p.dtype), alpha=-update.step_size)
         if decay and group["decay_after_update"]:
@@ -351,11 +353,13 @@ def split_options(arguments: dict[str, Any]) -> dict[str, Any]:
 
 
 def linear_map(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+    """A x B in fp32 (either factor may be None), returned in x's dtype."""
+    y = x.float()
     if a is not None:
-        x = a.to(x.dtype) @ x
+        y = a.float() @ y
     if b is not None:
-        x = x @ b.to(x.dtype)
-    return x
+        y = y @ b.float()
+    return y.to(x.dtype)
 
 
 def square(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -363,35 +367,35 @@ def square(x: torch.Tensor | None) -> torch.Tensor | None:
 
 
 # -------------------------------------------------------------------------- checkpoints
-# torch's load_state_dict casts every floating-point state tensor to its parameter's dtype.
-# Our state is deliberately mixed (fp32 8-bit block scales beside a bf16 weight), so the
-# pre-hook hides each floating tensor behind an integer view of the same bits and the
-# post-hook restores it: the state comes back bit for bit, on the parameter's device.
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_BITS, _DTYPE = "__float_bits__", "__float_dtype__"
-
-
-def _hide_floats(value):
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        bits = value.contiguous().view(_INT_VIEW[value.element_size()])
-        return {_BITS: bits, _DTYPE: str(value.dtype).removeprefix("torch.")}
-    if isinstance(value, dict):
-        return {k: _hide_floats(v) for k, v in value.items()}
-    return value
-
-
-def _restore_floats(value):
-    if isinstance(value, dict):
-        if _BITS in value:
-            return value[_BITS].view(getattr(torch, value[_DTYPE]))
-        return {k: _restore_floats(v) for k, v in value.items()}
-    return value
+# torch's load_state_dict casts every state tensor of a floating-point parameter to the
+# parameter's dtype, integer tensors included: that would turn 8-bit moments into floats
+# and round fp32 block scales to bf16.  Our state is deliberately mixed, so the pre-hook
+# takes the per-parameter state out of torch's hands and the post-hook puts it back,
+# keyed by the same id -> parameter mapping torch uses, moved to the parameter's device
+# and otherwise bit for bit.
+_STASH = "_lowrank_state_to_restore"
 
 
 def _keep_state_dtypes_pre(optimizer: Optimizer, state_dict: dict) -> dict:
-    return {**state_dict, "state": {pid: _hide_floats(s) for pid, s in state_dict["state"].items()}}
+    saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+    setattr(optimizer, _STASH, (saved_ids, state_dict["state"]))
+    return {**state_dict, "state": {}}
 
 
 def _keep_state_dtypes_post(optimizer: Optimizer) -> None:
-    for p in list(optimizer.state):
-        optimizer.state[p] = _restore_floats(optimizer.state[p])
+    saved_ids, saved_state = getattr(optimizer, _STASH)
+    delattr(optimizer, _STASH)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    by_id = dict(zip(saved_ids, params))
+    for pid, pstate in saved_state.items():
+        if pid in by_id:
+            param = by_id[pid]
+            optimizer.state[param] = _to_device(pstate, param.device)
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value

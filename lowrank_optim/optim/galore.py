@@ -313,10 +313,10 @@ class GaLoreAdafactor(LowRankOptimizer):
             state["exp_avg"].copy_(linear_map(state["exp_avg"], a, b))
         if "exp_avg_sq" in state:
             state["exp_avg_sq"].copy_(linear_map(state["exp_avg_sq"], square(a), square(b)))
-        if a is not None and "exp_avg_sq_row" in state:
-            state["exp_avg_sq_row"].copy_(square(a) @ state["exp_avg_sq_row"])
-        if b is not None and "exp_avg_sq_col" in state:
-            state["exp_avg_sq_col"].copy_(state["exp_avg_sq_col"] @ square(b))
+        if "exp_avg_sq_row" in state:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.copy_(linear_map(row.unsqueeze(-1), square(a), None).squeeze(-1))
+            col.copy_(linear_map(col.unsqueeze(-2), None, square(b)).squeeze(-2))
 
 
 def _rms(tensor: torch.Tensor) -> torch.Tensor:

@@ -24,14 +24,21 @@ from .._validate import Check, check_known_keys, check_values
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
 
-def choose_side(proj_type: str, shape: torch.Size) -> str:
+# The side is stored as bit flags (an int survives load_state_dict; a str does not: torch
+# rebuilds iterables element by element).
+LEFT, RIGHT = 1, 2
+FULL = LEFT | RIGHT
+SIDE_CODES = {"left": LEFT, "right": RIGHT, "full": FULL}
+
+
+def choose_side(proj_type: str, shape: torch.Size) -> int:
     """GaLore's rule: ``std`` keeps the basis of the shorter side (right when m >= n)."""
     m, n = shape
     if proj_type == "std":
-        return "right" if m >= n else "left"
+        return RIGHT if m >= n else LEFT
     if proj_type == "reverse_std":
-        return "left" if m >= n else "right"
-    return proj_type
+        return LEFT if m >= n else RIGHT
+    return SIDE_CODES[proj_type]
 
 
 class RefreshFailed(RuntimeError):
@@ -47,7 +54,7 @@ class Projector:
 
     Subclasses implement :meth:`compute_bases` (new bases from a gradient at a refresh)
     and, when they do not store dense bases, :meth:`bases`.  Per-parameter state keys
-    used here: ``side`` (str), ``age`` (steps since the last refresh), ``refreshes``
+    used here: ``side`` (bit flags LEFT=1, RIGHT=2), ``age`` (steps since the last refresh), ``refreshes``
     (how many bases have been computed) and ``seed`` (per parameter, identical on every
     data-parallel rank because it derives from the parameter's position).
     """
@@ -177,8 +184,8 @@ class Projector:
         return gen
 
     def sides(self, pstate: dict) -> tuple[bool, bool]:
-        side = pstate["side"]
-        return side in ("left", "full"), side in ("right", "full")
+        """(uses a left basis, uses a right basis)."""
+        return bool(pstate["side"] & LEFT), bool(pstate["side"] & RIGHT)
 
 
 REGISTRY: dict[str, type[Projector]] = {}

@@ -1,0 +1,105 @@
+"""Shared fixtures and the table of optimizer configurations the shared tests run over."""
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+import lowrank_optim as lo  # noqa: E402
+
+# Odd, non-square shapes: both projection sides and both std branches get exercised.
+SHAPES = [(24, 10), (9, 31)]
+
+
+def make_params(dtype=torch.float32, seed=0):
+    """Two projectable matrices and a bias-like vector (dense group)."""
+    gen = torch.Generator().manual_seed(seed)
+    mats = [torch.nn.Parameter(torch.randn(*s, generator=gen, dtype=torch.float32).to(dtype)) for s in SHAPES]
+    bias = torch.nn.Parameter(torch.randn(7, generator=gen).to(dtype))
+    return mats, bias
+
+
+def groups(mats, bias, **low_rank):
+    return [{"params": mats, "rank": 3, "update_proj_gap": 3, **low_rank}, {"params": [bias]}]
+
+
+def fake_grads(params, step, seed=123):
+    """Deterministic gradients with some low-rank structure, different at every step."""
+    for i, p in enumerate(params):
+        gen = torch.Generator().manual_seed(seed + 1000 * step + i)
+        g = torch.randn(p.shape, generator=gen)
+        if p.dim() == 2:
+            g = g + 3 * torch.outer(torch.randn(p.shape[0], generator=gen), torch.randn(p.shape[1], generator=gen))
+        p.grad = g.to(p.dtype)
+
+
+#: id -> builder(mats, bias) for every optimizer/projector configuration of the package.
+OPTIMIZER_CASES = {
+    "galore_svd": lambda m, b: lo.GaLoreAdamW(groups(m, b), lr=1e-2),
+    "galore_rsvd": lambda m, b: lo.GaLoreAdamW(groups(m, b, projector="rsvd"), lr=1e-2),
+    "galore_random_gauss": lambda m, b: lo.GaLoreAdamW(
+        groups(m, b, projector="random", projector_args={"distribution": "gaussian"}), lr=1e-2
+    ),
+    "galore_random_orth": lambda m, b: lo.GaLoreAdamW(groups(m, b, projector="random"), lr=1e-2),
+    "galore_full_project": lambda m, b: lo.GaLoreAdamW(groups(m, b, proj_type="full", on_refresh="project"), lr=1e-2),
+    "galore_reset": lambda m, b: lo.GaLoreAdamW(groups(m, b, on_refresh="reset"), lr=1e-2, weight_decay=0.1),
+    "galore_hf_style": lambda m, b: lo.GaLoreAdamW(
+        groups(m, b), lr=1e-2, eps_style="hf", decay_after_update=True, weight_decay=0.1
+    ),
+    "galore_8bit": lambda m, b: lo.GaLoreAdamW8bit(groups(m, b), lr=1e-2, min_8bit_size=16),
+    "galore_8bit_project": lambda m, b: lo.GaLoreAdamW8bit(
+        groups(m, b, on_refresh="project"), lr=1e-2, min_8bit_size=16
+    ),
+    "galore_adafactor": lambda m, b: lo.GaLoreAdafactor(groups(m, b), beta1=0.9, weight_decay=0.01),
+    "galore_adafactor_project": lambda m, b: lo.GaLoreAdafactor(
+        groups(m, b, on_refresh="project", proj_type="full"), lr=1e-2, relative_step=False
+    ),
+}
+
+
+@pytest.fixture(params=sorted(OPTIMIZER_CASES))
+def optimizer_case(request):
+    return request.param, OPTIMIZER_CASES[request.param]
+
+
+def state_tensors(opt):
+    """Flatten an optimizer's state into {(param index, key path): value} for comparisons."""
+    flat = {}
+    ids = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(prefix + (k,), v)
+        else:
+            flat[prefix] = value
+
+    for p, s in opt.state.items():
+        walk((ids[id(p)],), s)
+    return flat
+
+
+def assert_same_state(a, b):
+    fa, fb = state_tensors(a), state_tensors(b)
+    assert fa.keys() == fb.keys()
+    for key in fa:
+        va, vb = fa[key], fb[key]
+        if isinstance(va, torch.Tensor):
+            assert va.dtype == vb.dtype, key
+            assert torch.equal(va, vb), key
+        else:
+            assert va == vb, key
+
+
+@functools.cache
+def has_galore_torch():
+    try:
+        import galore_torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
