@@ -265,8 +265,9 @@ class LowRankOptimizer(Optimizer):
             return Update(exp_avg, denom, group["lr"] / bias_correction1)
         exp_avg.mul_(beta1).add_(low, alpha=1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
-        denom = exp_avg_sq.sqrt().add_(group["eps"])
-        return Update(exp_avg, denom, group["lr"] * math.sqrt(bias_correction2) / bias_correction1)
+        # Divided here (not by addcdiv_ in the caller) to round exactly as the reference does.
+        direction = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+        return Update(direction, None, group["lr"] * math.sqrt(bias_correction2) / bias_correction1)
 
     def remap_moments(self, state: dict, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Hook: re-express the moments in a new basis, R_new = A R_old B.

@@ -127,7 +127,7 @@ class Projector:
             raise RefreshFailed("the factorisation returned non-finite values")
         # Stored in the gradient's dtype, as the reference does: the subspace is computed
         # in fp32 but a bf16 model keeps a bf16 basis (half the memory).
-        pstate.update({k: t.to(grad.dtype).contiguous() for k, t in new.items()})
+        pstate.update({k: compact(t.to(grad.dtype)) for k, t in new.items()})
         pstate["age"] = 0
         pstate["refreshes"] += 1
 
@@ -206,6 +206,18 @@ def make_projector(group: Mapping[str, Any]) -> Projector | None:
         return None
     cls = REGISTRY[group["projector"]]
     return cls(group["rank"], group["proj_type"], group["update_proj_gap"], **(group.get("projector_args") or {}))
+
+
+def compact(basis: torch.Tensor) -> torch.Tensor:
+    """A copy holding only the basis, not the whole factor it was sliced from.
+
+    LAPACK returns column-major factors; keeping that layout (instead of making the copy
+    row-major) makes the projections round exactly as ``galore_torch``'s, which keeps a
+    view of the full factor (and so all of its memory).
+    """
+    if basis.dim() == 2 and basis.stride(0) == 1 and basis.shape[1] > 1:
+        return basis.t().contiguous().t()
+    return basis.contiguous()
 
 
 def orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
