@@ -1,0 +1,119 @@
+"""Bad inputs raise ValueError at construction, with a message naming the parameter."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowrank_optim as lo
+
+
+def mats():
+    return [torch.nn.Parameter(torch.randn(8, 6)), torch.nn.Parameter(torch.randn(5, 12))]
+
+
+def low(**kw):
+    return [{"params": mats(), "rank": 2, **kw}]
+
+
+# (id, builder, regex the message must match): the regex names the offending key and value.
+BAD_INPUTS = [
+    ("negative lr", lambda: lo.GaLoreAdamW(mats(), lr=-1.0), r"GaLoreAdamW: invalid lr=-1.0"),
+    ("nan lr", lambda: lo.GaLoreAdamW(mats(), lr=float("nan")), r"invalid lr=nan"),
+    ("beta1 >= 1", lambda: lo.GaLoreAdamW(mats(), betas=(1.0, 0.999)), r"invalid betas=\(1.0, 0.999\)"),
+    ("betas triple", lambda: lo.GaLoreAdamW(mats(), betas=(0.9, 0.9, 0.9)), r"invalid betas="),
+    ("negative eps", lambda: lo.GaLoreAdamW(mats(), eps=-1e-8), r"invalid eps=-1e-08"),
+    ("negative decay", lambda: lo.GaLoreAdamW(mats(), weight_decay=-0.1), r"invalid weight_decay=-0.1"),
+    ("negative rank", lambda: lo.GaLoreAdamW(low(rank=-3)), r"invalid rank=-3 in param group 0"),
+    ("float rank", lambda: lo.GaLoreAdamW(low(rank=2.5)), r"invalid rank=2.5"),
+    ("rank > matrix", lambda: lo.GaLoreAdamW(low(rank=7)), r"rank=7 is larger than the 8x6 matrix"),
+    ("zero gap", lambda: lo.GaLoreAdamW(low(update_proj_gap=0)), r"invalid update_proj_gap=0"),
+    ("bogus proj_type", lambda: lo.GaLoreAdamW(low(proj_type="bogus")), r"invalid proj_type='bogus'"),
+    ("unknown projector", lambda: lo.GaLoreAdamW(low(projector="qr")), r"invalid projector='qr'.*rsvd"),
+    ("bad on_refresh", lambda: lo.GaLoreAdamW(low(on_refresh="drop")), r"invalid on_refresh='drop'"),
+    ("bad eps_style", lambda: lo.GaLoreAdamW(mats(), eps_style="tf"), r"invalid eps_style='tf'"),
+    ("misspelt group key", lambda: lo.GaLoreAdamW(low(update_gap=10)), r"unknown key in param group 0 'update_gap'"),
+    (
+        "unknown projector option",
+        lambda: lo.GaLoreAdamW(low(projector="rsvd", projector_args={"oversampling": 4})),
+        r"unknown projector_args key.*'oversampling'.*oversample, power_iters",
+    ),
+    (
+        "bad projector option value",
+        lambda: lo.GaLoreAdamW(low(projector="rsvd", projector_args={"power_iters": -1})),
+        r"invalid power_iters=-1",
+    ),
+    (
+        "bad random distribution",
+        lambda: lo.GaLoreAdamW(low(projector="random", projector_args={"distribution": "cauchy"})),
+        r"invalid distribution='cauchy'",
+    ),
+    (
+        "1-D tensor in projected group",
+        lambda: lo.GaLoreAdamW([{"params": [torch.nn.Parameter(torch.randn(64))], "rank": 2}]),
+        r"parameter #0 \(shape \(64,\)\) in param group 0 cannot be projected: a 1-D tensor",
+    ),
+    (
+        "3-D tensor in projected group",
+        lambda: lo.GaLoreAdamW([{"params": [torch.nn.Parameter(torch.randn(4, 4, 4))], "rank": 2}]),
+        r"a 3-D tensor cannot be projected",
+    ),
+    (
+        "named parameter in message",
+        lambda: lo.GaLoreAdamW(lo.param_groups(torch.nn.ModuleDict({"attn": torch.nn.Linear(4, 3)}), rank=5)),
+        r"parameter attn.weight \(shape \(3, 4\)\)",
+    ),
+    ("zero accumulation", lambda: lo.GaLoreAdamW(mats(), layerwise=True, accumulation_steps=0), r"accumulation_steps=0"),
+    ("negative clip", lambda: lo.GaLoreAdamW(mats(), layerwise=True, max_grad_norm=-1.0), r"max_grad_norm=-1.0"),
+    ("8bit min size", lambda: lo.GaLoreAdamW8bit(mats(), min_8bit_size=0), r"GaLoreAdamW8bit: invalid min_8bit_size=0"),
+    ("adafactor lr with relative step", lambda: lo.GaLoreAdafactor(mats(), lr=1e-3), r"lr=0.001 cannot be combined"),
+    ("adafactor no lr", lambda: lo.GaLoreAdafactor(mats(), relative_step=False), r"lr=None needs relative_step"),
+    (
+        "adafactor warmup",
+        lambda: lo.GaLoreAdafactor(mats(), lr=1e-3, relative_step=False, warmup_init=True),
+        r"warmup_init=True requires relative_step=True",
+    ),
+    ("adafactor clip", lambda: lo.GaLoreAdafactor(mats(), clip_threshold=0.0), r"invalid clip_threshold=0.0"),
+    ("adafactor beta1", lambda: lo.GaLoreAdafactor(mats(), beta1=1.5), r"invalid beta1=1.5"),
+    ("create_optimizer unknown", lambda: lo.create_optimizer("galore_sgd", mats()), r"unknown optimizer 'galore_sgd'"),
+    (
+        "create_optimizer bad option",
+        lambda: lo.create_optimizer("galore_adamw", mats(), rnak=4),
+        r"has no option\(s\) \['rnak'\]; valid ones are: lr",
+    ),
+    (
+        "param_groups no match",
+        lambda: lo.param_groups(torch.nn.Linear(3, 3), target_modules=("attn",), rank=2),
+        r"no nn.Linear module name contains",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises_at_construction(case):
+    _, build, message = case
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_add_param_group_validates_and_leaves_optimizer_unchanged():
+    opt = lo.GaLoreAdamW(low())
+    with pytest.raises(ValueError, match=r"invalid rank=0 in param group 1"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(4, 4))], "rank": 0})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(4, 4))], "rank": 3, "scale": 1.0})
+    assert opt.param_groups[1]["update_proj_gap"] == 200  # defaults filled in
+
+
+def test_missing_bitsandbytes_gives_clear_import_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bnb(name, *args, **kwargs):
+        if name.startswith("bitsandbytes"):
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    with pytest.raises(ImportError, match="GaLoreAdamW8bit needs the 'bitsandbytes' package"):
+        lo.GaLoreAdamW8bit(mats())
