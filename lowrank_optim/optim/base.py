@@ -174,7 +174,7 @@ class LowRankOptimizer(Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         grad = p.grad
         state = self.state[p]
-        if not state:
+        if "step" not in state:
             state["step"] = 0
             if projector is not None:
                 state["projector"] = projector.init_state(p.shape, self._param_seed(p, group))

@@ -1,0 +1,126 @@
+"""Layer-wise mode: parameters stepped from gradient hooks, gradients freed during backward."""
+from __future__ import annotations
+
+import io
+
+import torch
+
+import lowrank_optim as lo
+
+
+def model_and_data(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.ModuleDict(
+        {"attn": torch.nn.Linear(12, 20), "mlp": torch.nn.Linear(20, 12), "head": torch.nn.Linear(12, 3)}
+    )
+    data = [(torch.randn(16, 12), torch.randn(16, 3)) for _ in range(12)]
+    return model, data
+
+
+def loss_fn(model, x, y):
+    h = torch.tanh(model["attn"](x))
+    return torch.nn.functional.mse_loss(model["head"](model["mlp"](h)), y)
+
+
+def build(model, **kw):
+    return lo.GaLoreAdamW(lo.param_groups(model, ("attn", "mlp"), rank=4, update_proj_gap=3), lr=1e-2, **kw)
+
+
+def train(model, opt, data, accumulation=1, clip=None, scheduler=None, layerwise=False):
+    for i in range(0, len(data), accumulation):
+        for x, y in data[i : i + accumulation]:
+            (loss_fn(model, x, y) / accumulation).backward()
+        if not layerwise:
+            if clip is not None:
+                for p in model.parameters():  # per-parameter clipping, as the layer-wise mode does
+                    torch.nn.utils.clip_grad_norm_([p], clip)
+            opt.step()
+            opt.zero_grad()
+        else:
+            opt.step()  # runs no update; kept so user loops stay unchanged
+        if scheduler is not None:
+            scheduler.step()
+
+
+def twins(**layerwise_kw):
+    model, data = model_and_data()
+    twin, _ = model_and_data()
+    twin.load_state_dict(model.state_dict())
+    return model, twin, data, build(model), build(twin, layerwise=True, **layerwise_kw)
+
+
+def assert_same_params(a, b):
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_layerwise_equals_a_regular_step():
+    model, twin, data, opt, lw = twins()
+    train(model, opt, data)
+    train(twin, lw, data, layerwise=True)
+    assert_same_params(model, twin)
+
+
+def test_layerwise_frees_gradients_during_backward():
+    _, model, data, _, lw = twins()
+    live = []
+    # Backward reaches the head before attn: when attn's gradient arrives, the head's has
+    # already been consumed and freed.
+    model["attn"].weight.register_post_accumulate_grad_hook(lambda p: live.append(model["head"].weight.grad))
+    loss_fn(model, *data[0]).backward()
+    assert live == [None]
+    assert all(p.grad is None for p in model.parameters())
+    assert lw.state[model["attn"].weight]["step"] == 1
+
+
+def test_layerwise_honours_gradient_accumulation():
+    model, twin, data, opt, lw = twins(accumulation_steps=3)
+    train(model, opt, data, accumulation=3)
+    train(twin, lw, data, accumulation=3, layerwise=True)
+    assert_same_params(model, twin)
+    assert lw.state[twin["attn"].weight]["step"] == len(data) // 3
+
+
+def test_layerwise_clips_each_gradient():
+    model, twin, data, opt, lw = twins(max_grad_norm=0.05)
+    train(model, opt, data, clip=0.05)
+    train(twin, lw, data, layerwise=True)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    unclipped, _ = model_and_data()
+    train(unclipped, build(unclipped), data)
+    assert not torch.allclose(unclipped["head"].weight, twin["head"].weight)  # clipping acted
+
+
+def test_layerwise_follows_the_lr_schedule_at_full_speed():
+    model, twin, data, opt, lw = twins()
+    schedule = lambda step: 1.0 / (1 + step)  # noqa: E731
+    train(model, opt, data, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    train(twin, lw, data, scheduler=torch.optim.lr_scheduler.LambdaLR(lw, schedule), layerwise=True)
+    assert_same_params(model, twin)
+
+
+def test_layerwise_state_saves_and_resumes_bit_identically():
+    model, twin, data, _, lw = twins(accumulation_steps=2)
+    # Checkpoints are taken at optimizer-step boundaries: a partly accumulated gradient lives
+    # in p.grad, which no training loop saves.
+    train(twin, lw, data[:4], accumulation=1, layerwise=True)
+    buffer = io.BytesIO()
+    torch.save({"model": twin.state_dict(), "optim": lw.state_dict()}, buffer)
+    train(twin, lw, data[4:], accumulation=1, layerwise=True)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed, _ = model_and_data(seed=1)
+    resumed.load_state_dict(saved["model"])
+    lw2 = build(resumed, layerwise=True, accumulation_steps=2)
+    lw2.load_state_dict(saved["optim"])
+    train(resumed, lw2, data[4:], accumulation=1, layerwise=True)
+    assert_same_params(twin, resumed)
+
+
+def test_remove_hooks_detaches_the_optimizer():
+    model, _, data, _, lw = twins()
+    lw.remove_hooks()
+    loss_fn(model, *data[0]).backward()
+    assert model["attn"].weight.grad is not None and not lw.state
