@@ -116,6 +116,7 @@ class LowRankOptimizer(Optimizer):
         self.max_grad_norm = max_grad_norm
         self._warned: set[int] = set()
         self._hooks: list = []
+        self._positions: dict[int, tuple[int, int]] | None = None
         super().__init__(params, defaults)  # validates each group through add_param_group
         self.register_load_state_dict_pre_hook(_keep_state_dtypes_pre)
         self.register_load_state_dict_post_hook(_keep_state_dtypes_post)
@@ -126,6 +127,7 @@ class LowRankOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._positions = None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -285,11 +287,15 @@ class LowRankOptimizer(Optimizer):
             if p.requires_grad:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._layerwise_hook))
 
-    def _group_of(self, p: torch.Tensor) -> dict:
-        for group in self.param_groups:  # load_state_dict replaces the group dicts: look up live
-            if any(q is p for q in group["params"]):
-                return group
-        raise KeyError("parameter is not managed by this optimizer")
+    def _position(self, p: torch.Tensor) -> tuple[int, int]:
+        """(group index, position among all parameters), cached.
+
+        Indices, not group dicts: load_state_dict replaces the dicts but keeps their order.
+        """
+        if self._positions is None:
+            params = ((i, q) for i, g in enumerate(self.param_groups) for q in g["params"])
+            self._positions = {id(q): (i, pos) for pos, (i, q) in enumerate(params)}
+        return self._positions[id(p)]
 
     @torch.no_grad()
     def _layerwise_hook(self, p: torch.Tensor) -> None:
@@ -302,7 +308,7 @@ class LowRankOptimizer(Optimizer):
         if self.max_grad_norm is not None:
             norm = p.grad.norm()
             p.grad.mul_(torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0))
-        group = self._group_of(p)
+        group = self.param_groups[self._position(p)[0]]
         self._step_param(p, group, make_projector(group))
         p.grad = None  # the point of layer-wise mode: free the full gradient now
 
@@ -315,13 +321,7 @@ class LowRankOptimizer(Optimizer):
     # ------------------------------------------------------------------ helpers
     def _param_seed(self, p: torch.Tensor, group: dict) -> int:
         """Seed from the parameter's position: identical on every data-parallel rank."""
-        position = 0
-        for g in self.param_groups:
-            for q in g["params"]:
-                if q is p:
-                    return group["seed"] * 1_000_003 + position
-                position += 1
-        raise KeyError("parameter is not managed by this optimizer")
+        return group["seed"] * 1_000_003 + self._position(p)[1]
 
     def _warn_once(self, p: torch.Tensor, message: str) -> None:
         key = id(p)
