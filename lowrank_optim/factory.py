@@ -73,10 +73,12 @@ def create_optimizer(
     if unknown:
         raise ValueError(f"create_optimizer: {cls.__name__} has no option(s) {unknown}; valid ones are: {', '.join(accepted)}")
     if isinstance(model_or_params, nn.Module):
-        if kwargs.get("rank") is not None:
-            params = param_groups(model_or_params, target_modules, rank=kwargs.pop("rank"))
-        else:
-            params = model_or_params.parameters()
+        if kwargs.get("rank") is None:
+            raise ValueError(
+                f"create_optimizer: {name!r} given a model needs rank=... to project its target_modules; "
+                "pass model.parameters() (or param groups) for a full-rank optimizer"
+            )
+        params = param_groups(model_or_params, target_modules, rank=kwargs.pop("rank"))
     else:
         params = model_or_params
     return cls(params, **kwargs)

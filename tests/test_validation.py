@@ -81,6 +81,11 @@ BAD_INPUTS = [
         r"has no option\(s\) \['rnak'\]; valid ones are: lr",
     ),
     (
+        "create_optimizer model without rank",
+        lambda: lo.create_optimizer("galore_adamw", torch.nn.Linear(3, 3)),
+        r"given a model needs rank=",
+    ),
+    (
         "param_groups no match",
         lambda: lo.param_groups(torch.nn.Linear(3, 3), target_modules=("attn",), rank=2),
         r"no nn.Linear module name contains",

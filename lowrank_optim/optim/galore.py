@@ -27,6 +27,7 @@ decay_after_update=True``.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterable
 
@@ -83,12 +84,19 @@ class GaLoreAdamW(LowRankOptimizer):
 
 
 def _bitsandbytes():
+    # bitsandbytes logs a warning about optional 4-bit CPU kernels on import; we use none
+    # of them, so keep the user's console clean.
+    quiet = logging.getLogger("bitsandbytes")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional as bnb_functional
     except ImportError as err:  # optional dependency: only the 8-bit classes need it
         raise ImportError(
             "GaLoreAdamW8bit needs the 'bitsandbytes' package for its 8-bit moments: pip install bitsandbytes"
         ) from err
+    finally:
+        quiet.setLevel(level)
     return bnb_functional
 
 
