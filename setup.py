@@ -52,7 +52,7 @@ setup(
             "accelerate>=1.0",
             "tqdm",
         ],
-        "bench": ["tqdm", "transformers>=4.46", "matplotlib", "wandb"],
+        "bench": ["tqdm", "transformers>=4.46"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

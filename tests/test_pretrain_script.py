@@ -101,3 +101,23 @@ def test_corpus_is_deterministic_and_split_at_the_end(pretrain, tmp_path):
 def test_unknown_optimizer_is_rejected(pretrain):
     with pytest.raises(SystemExit):
         pretrain.main(["--quick", "--optimizers", "adamw,not_an_optimizer"])
+
+
+def test_readme_main_command_runs_in_short_form():
+    """The README's first command ends in a run of bench/pretrain.py: run that, shortened."""
+    import re
+    import subprocess
+
+    readme = (SCRIPT.parents[1] / "README.md").read_text()
+    commands = re.findall(r"```bash\n(.+?)\n```", readme)
+    main_command = commands[0]
+    assert main_command.startswith("python3 -m venv .venv") and "pip install torch==2.13.0" in main_command
+    script_call = main_command.rsplit("&& ", 1)[1].split()
+    assert script_call[:2] == ["python", "bench/pretrain.py"]
+    done = subprocess.run(
+        [sys.executable, *script_call[1:], "--quick", "--steps", "4", "--no-progress"],
+        cwd=SCRIPT.parents[1], capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("adamw ", "galore_adamw "))]
+    assert len(rows) == 2
