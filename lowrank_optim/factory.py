@@ -1,7 +1,6 @@
 """Building optimizers from a model: ``param_groups``, ``create_optimizer``, ``available_optimizers``."""
 from __future__ import annotations
 
-import inspect
 from typing import Any, Iterable
 
 import torch
@@ -68,7 +67,7 @@ def create_optimizer(
     if key not in OPTIMIZERS:
         raise ValueError(f"create_optimizer: unknown optimizer {name!r}; available: {', '.join(available_optimizers())}")
     cls = OPTIMIZERS[key]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+    accepted = list(cls.hyperparameter_defaults())
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ValueError(f"create_optimizer: {cls.__name__} has no option(s) {unknown}; valid ones are: {', '.join(accepted)}")

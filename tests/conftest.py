@@ -35,7 +35,7 @@ def fake_grads(params, step, seed=123):
         g = torch.randn(p.shape, generator=gen)
         if p.dim() == 2:
             g = g + 3 * torch.outer(torch.randn(p.shape[0], generator=gen), torch.randn(p.shape[1], generator=gen))
-        p.grad = g.to(p.dtype)
+        p.grad = g.to(device=p.device, dtype=p.dtype)
 
 
 #: id -> builder(mats, bias) for every optimizer/projector configuration of the package.

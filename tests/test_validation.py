@@ -122,3 +122,16 @@ def test_missing_bitsandbytes_gives_clear_import_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_bnb)
     with pytest.raises(ImportError, match="GaLoreAdamW8bit needs the 'bitsandbytes' package"):
         lo.GaLoreAdamW8bit(mats())
+
+
+@pytest.mark.parametrize("cls", [lo.GaLoreAdamW, lo.GaLoreAdamW8bit, lo.GaLoreAdafactor])
+def test_signature_lists_every_hyperparameter_and_rejects_unknown_keywords(cls):
+    import inspect
+
+    signature = inspect.signature(cls)
+    assert list(signature.parameters)[1:] == list(cls.hyperparameter_defaults())
+    assert all(signature.parameters[k].default == v for k, v in cls.hyperparameter_defaults().items())
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'update_gap'; valid ones are: .*update_proj_gap"):
+        cls(mats(), update_gap=10)
+    opt = cls(mats(), rank=2, update_proj_gap=7)
+    assert opt.param_groups[0]["update_proj_gap"] == 7 and "layerwise" not in opt.defaults

@@ -17,6 +17,7 @@ live here and nowhere else; methods override the small hooks, never the loop.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Any, Callable, ClassVar, Iterable, NamedTuple
@@ -40,6 +41,27 @@ COMMON_CHECKS: dict[str, V.Check] = {
     "on_refresh": V.choice("keep", "reset", "project"),
     "decay_after_update": V.boolean(),
     "seed": V.int_at_least(0),
+}
+
+#: The low-rank options every method accepts (per-group defaults).
+LOW_RANK_DEFAULTS: dict[str, Any] = {
+    "rank": None,
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "proj_type": "std",
+    "projector": "svd",
+    "projector_args": None,
+    "on_refresh": "keep",
+    "decay_after_update": False,
+    "seed": 0,
+}
+
+#: Options of the optimizer as a whole (layer-wise mode), not of a group.
+LOOP_DEFAULTS: dict[str, Any] = {"layerwise": False, "accumulation_steps": 1, "max_grad_norm": None}
+LOOP_CHECKS: dict[str, V.Check] = {
+    "layerwise": V.boolean(),
+    "accumulation_steps": V.int_at_least(1),
+    "max_grad_norm": V.pos_float(optional=True),
 }
 
 #: Adam's own hyperparameters (shared by the Adam-based classes).
@@ -84,42 +106,49 @@ class LowRankOptimizer(Optimizer):
     the closure; call it (and your LR scheduler) once per optimizer step as usual.
     """
 
+    #: The method's own hyperparameters and defaults (lr, betas, ...), declared once.
+    method_defaults: ClassVar[dict[str, Any]] = {}
     method_checks: ClassVar[dict[str, V.Check]] = ADAM_CHECKS
     #: State keys the moment rule owns (dropped by ``on_refresh="reset"``).
     moment_keys: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
 
-    def __init__(
-        self,
-        params: Iterable,
-        defaults: dict[str, Any],
-        *,
-        layerwise: bool = False,
-        accumulation_steps: int = 1,
-        max_grad_norm: float | None = None,
-    ):
+    def __init__(self, params: Iterable, **hyperparameters: Any):
         owner = type(self).__name__
-        V.check_values(
-            owner,
-            {"accumulation_steps": accumulation_steps, "max_grad_norm": max_grad_norm, "layerwise": layerwise},
-            {
-                "accumulation_steps": V.int_at_least(1),
-                "max_grad_norm": V.pos_float(optional=True),
-                "layerwise": V.boolean(),
-            },
-            "the constructor",
-        )
-        V.check_values(owner, defaults, self.checks(), "the constructor")
-        if defaults.get("projector_args"):
-            REGISTRY[defaults["projector"]].validate_options(owner, defaults["projector_args"], "the constructor")
-        self.layerwise = layerwise
-        self.accumulation_steps = accumulation_steps
-        self.max_grad_norm = max_grad_norm
+        known = self.hyperparameter_defaults()
+        for key in hyperparameters:
+            if key not in known:
+                raise TypeError(f"{owner} got an unexpected keyword argument {key!r}; valid ones are: {', '.join(known)}")
+        values = {**known, **hyperparameters}
+        V.check_values(owner, values, {**LOOP_CHECKS, **self.checks()}, "the constructor")
+        if values["projector_args"]:
+            REGISTRY[values["projector"]].validate_options(owner, values["projector_args"], "the constructor")
+        # Loop options belong to the optimizer; everything else is a per-group default.
+        self.layerwise = values.pop("layerwise")
+        self.accumulation_steps = values.pop("accumulation_steps")
+        self.max_grad_norm = values.pop("max_grad_norm")
         self._warned: set[int] = set()
         self._hooks: list = []
         self._positions: dict[int, tuple[int, int]] | None = None
-        super().__init__(params, defaults)  # validates each group through add_param_group
+        super().__init__(params, values)  # validates each group through add_param_group
         self.register_load_state_dict_pre_hook(_keep_state_dtypes_pre)
         self.register_load_state_dict_post_hook(_keep_state_dtypes_post)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Each method declares its hyperparameters once, as data (``method_defaults``);
+        # the constructor's signature is generated from that table plus the shared
+        # low-rank options, so ``help()``, ``inspect.signature`` and the Trainer
+        # integration see every keyword without a 20-argument block per class.
+        super().__init_subclass__(**kwargs)
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        cls.__signature__ = inspect.Signature(
+            [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+            + [inspect.Parameter(k, keyword, default=v) for k, v in cls.hyperparameter_defaults().items()]
+        )
+
+    @classmethod
+    def hyperparameter_defaults(cls) -> dict[str, Any]:
+        """Every constructor keyword and its default: the method's own, then the shared ones."""
+        return {**cls.method_defaults, **LOW_RANK_DEFAULTS, **LOOP_DEFAULTS}
 
     @classmethod
     def checks(cls) -> dict[str, V.Check]:
@@ -335,22 +364,6 @@ class LowRankOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-
-
-_LOOP_OPTIONS = ("layerwise", "accumulation_steps", "max_grad_norm")
-
-
-def split_options(arguments: dict[str, Any]) -> dict[str, Any]:
-    """Turn a subclass constructor's ``locals()`` into ``LowRankOptimizer.__init__`` kwargs.
-
-    Subclasses spell out every hyperparameter in their signature (for documentation and
-    for signature-driven tools such as the Trainer integration) and hand them on in one
-    line: the per-group ones become ``defaults``, the loop options stay keyword arguments.
-    """
-    arguments = {k: v for k, v in arguments.items() if k not in ("self", "__class__")}
-    params = arguments.pop("params")
-    loop = {k: arguments.pop(k) for k in _LOOP_OPTIONS if k in arguments}
-    return {"params": params, "defaults": arguments, **loop}
 
 
 def linear_map(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:

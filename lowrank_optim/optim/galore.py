@@ -34,7 +34,7 @@ from typing import Iterable
 import torch
 
 from .. import _validate as V
-from .base import ADAM_CHECKS, LowRankOptimizer, Update, linear_map, split_options, square
+from .base import ADAM_CHECKS, LowRankOptimizer, Update, linear_map, square
 
 
 class GaLoreAdamW(LowRankOptimizer):
@@ -59,28 +59,13 @@ class GaLoreAdamW(LowRankOptimizer):
             :class:`~lowrank_optim.optim.base.LowRankOptimizer`.
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        rank: int | None = None,
-        update_proj_gap: int = 200,
-        scale: float = 0.25,
-        proj_type: str = "std",
-        projector: str = "svd",
-        projector_args: dict | None = None,
-        on_refresh: str = "keep",
-        eps_style: str = "torch",
-        decay_after_update: bool = False,
-        seed: int = 0,
-        layerwise: bool = False,
-        accumulation_steps: int = 1,
-        max_grad_norm: float | None = None,
-    ):
-        super().__init__(**split_options(locals()))
+    method_defaults = {
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 1e-2,
+        "eps_style": "torch",
+    }
 
 
 def _bitsandbytes():
@@ -133,29 +118,17 @@ class GaLoreAdamW8bit(LowRankOptimizer):
     }
     moment_keys = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        rank: int | None = None,
-        update_proj_gap: int = 200,
-        scale: float = 0.25,
-        proj_type: str = "std",
-        projector: str = "svd",
-        projector_args: dict | None = None,
-        on_refresh: str = "keep",
-        min_8bit_size: int = 4096,
-        decay_after_update: bool = False,
-        seed: int = 0,
-        layerwise: bool = False,
-        accumulation_steps: int = 1,
-        max_grad_norm: float | None = None,
-    ):
+    method_defaults = {
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 1e-2,
+        "min_8bit_size": 4096,
+    }
+
+    def __init__(self, params: Iterable, **hyperparameters):
         _bitsandbytes()  # fail at construction, not at the first step
-        super().__init__(**split_options(locals()))
+        super().__init__(params, **hyperparameters)
 
     def init_moments(self, low: torch.Tensor, state: dict, group: dict) -> None:
         if low.numel() < group["min_8bit_size"]:
@@ -241,32 +214,17 @@ class GaLoreAdafactor(LowRankOptimizer):
     }
     moment_keys = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float | None = None,
-        eps: tuple[float, float] = (1e-30, 1e-3),
-        clip_threshold: float = 1.0,
-        decay_rate: float = -0.8,
-        beta1: float | None = None,
-        weight_decay: float = 0.0,
-        scale_parameter: bool = True,
-        relative_step: bool = True,
-        warmup_init: bool = False,
-        rank: int | None = None,
-        update_proj_gap: int = 200,
-        scale: float = 0.25,
-        proj_type: str = "std",
-        projector: str = "svd",
-        projector_args: dict | None = None,
-        on_refresh: str = "keep",
-        decay_after_update: bool = False,
-        seed: int = 0,
-        layerwise: bool = False,
-        accumulation_steps: int = 1,
-        max_grad_norm: float | None = None,
-    ):
-        super().__init__(**split_options(locals()))
+    method_defaults = {
+        "lr": None,
+        "eps": (1e-30, 1e-3),
+        "clip_threshold": 1.0,
+        "decay_rate": -0.8,
+        "beta1": None,
+        "weight_decay": 0.0,
+        "scale_parameter": True,
+        "relative_step": True,
+        "warmup_init": False,
+    }
 
     def _validate_group(self, group: dict, index: int) -> None:
         super()._validate_group(group, index)
