@@ -146,3 +146,13 @@ def test_on_refresh_reset_restarts_moments_and_bias_correction():
     low = p.grad @ opt.state[p]["projector"]["right"].t()
     assert opt.state[p]["step"] == 1
     torch.testing.assert_close(moments[2], 0.1 * low)
+
+
+def test_density_sets_each_matrix_rank_from_its_projected_side():
+    a, b = torch.nn.Parameter(torch.randn(40, 20)), torch.nn.Parameter(torch.randn(10, 30))
+    opt = lo.GaLoreAdamW([{"params": [a, b], "density": 0.25}])
+    for p in (a, b):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[a]["projector"]["rank"] == 5 and opt.state[a]["exp_avg"].shape == (40, 5)  # right: n=20
+    assert opt.state[b]["projector"]["rank"] == 2 and opt.state[b]["exp_avg"].shape == (2, 30)  # left: m=10

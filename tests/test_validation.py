@@ -26,6 +26,8 @@ BAD_INPUTS = [
     ("negative rank", lambda: lo.GaLoreAdamW(low(rank=-3)), r"invalid rank=-3 in param group 0"),
     ("float rank", lambda: lo.GaLoreAdamW(low(rank=2.5)), r"invalid rank=2.5"),
     ("rank > matrix", lambda: lo.GaLoreAdamW(low(rank=7)), r"rank=7 is larger than the 8x6 matrix"),
+    ("zero density", lambda: lo.GaLoreAdamW(mats(), density=0.0), r"invalid density=0.0"),
+    ("rank and density", lambda: lo.GaLoreAdamW(low(density=0.5)), r"rank=2 and density=0.5 both set in param group 0"),
     ("zero gap", lambda: lo.GaLoreAdamW(low(update_proj_gap=0)), r"invalid update_proj_gap=0"),
     ("bogus proj_type", lambda: lo.GaLoreAdamW(low(proj_type="bogus")), r"invalid proj_type='bogus'"),
     ("unknown projector", lambda: lo.GaLoreAdamW(low(projector="qr")), r"invalid projector='qr'.*rsvd"),

@@ -8,8 +8,9 @@ For a parameter W with gradient G in a group with ``rank`` (a *projected* group)
     R   <- transform_low_rank_grad(R)                    hook (e.g. Natural GaLore)
     N, step_size <- moment_update(R)                     hook: Adam, 8-bit Adam, Adafactor
     D   <- scale * projector.project_back(N)
-    D   <- full_rank_direction(D, G, R)                  hook (e.g. Fira's residual)
+    D   <- full_rank_direction(D, G, R, N)               hook (e.g. Fira's residual)
     W   <- W (1 - lr wd);  W <- W - step_size D           decoupled decay, then the update
+    W   <- W - state_free_update(G, R)                   hook (e.g. FRUGAL's signSGD part)
 
 A group without ``rank`` skips the projection and runs the same moment rule on G, which for
 Adam is ``torch.optim.AdamW`` to the bit.  Learning rate, bias correction and weight decay
@@ -26,13 +27,15 @@ import torch
 from torch.optim import Optimizer
 
 from .. import _validate as V
-from ..projectors import PROJ_TYPES, REGISTRY, Projector, RefreshFailed, make_projector
+from ..projectors import PROJ_TYPES, REGISTRY, Projector, RefreshFailed, is_projected, make_projector
+from ..projectors.base import Transition
 
 #: Hyperparameters every LowRankOptimizer group carries, with their checks.
 COMMON_CHECKS: dict[str, V.Check] = {
     "lr": V.nonneg_float(),
     "weight_decay": V.nonneg_float(),
     "rank": V.int_at_least(1, optional=True),
+    "density": V.Check(lambda x: 0 < x <= 1, "a fraction in (0, 1]", optional=True),
     "update_proj_gap": V.int_at_least(1),
     "scale": V.real(),
     "proj_type": V.choice(*PROJ_TYPES),
@@ -46,6 +49,7 @@ COMMON_CHECKS: dict[str, V.Check] = {
 #: The low-rank options every method accepts (per-group defaults).
 LOW_RANK_DEFAULTS: dict[str, Any] = {
     "rank": None,
+    "density": None,  # instead of rank: this fraction of each matrix's projected side
     "update_proj_gap": 200,
     "scale": 0.25,
     "proj_type": "std",
@@ -88,6 +92,18 @@ class Update(NamedTuple):
 
     def direction(self) -> torch.Tensor:
         return self.numer if self.denom is None else self.numer / self.denom
+
+
+class ParamStep(NamedTuple):
+    """What the projection hooks see of the projected parameter being stepped."""
+
+    param: torch.Tensor
+    grad: torch.Tensor  # G, the full gradient
+    low: torch.Tensor  # R, the projected (and transformed) gradient
+    low_direction: torch.Tensor  # N, the moment rule's direction in the low-rank space
+    state: dict
+    group: dict
+    projector: Projector
 
 
 class LowRankOptimizer(Optimizer):
@@ -171,13 +187,17 @@ class LowRankOptimizer(Optimizer):
         owner, where = type(self).__name__, f"param group {index}"
         V.check_known_keys(owner, group, {*self.defaults, "params", "param_names"}, f"key in {where}")
         V.check_values(owner, group, self.checks(), where)
-        if group["rank"] is None:
+        if group["rank"] is not None and group["density"] is not None:
+            raise ValueError(
+                f"{owner}: rank={group['rank']!r} and density={group['density']!r} both set in {where}: give one"
+            )
+        if not is_projected(group):
             return
-        projector_cls = REGISTRY[group["projector"]]
-        projector_cls.validate_options(owner, group.get("projector_args"), where)
+        REGISTRY[group["projector"]].validate_options(owner, group.get("projector_args"), where)
+        projector = make_projector(group)
         names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
         for name, p in zip(names, group["params"]):
-            reason = projector_cls.validate_shape(group["rank"], group["proj_type"], p.shape)
+            reason = projector.validate_shape(p.shape)
             if reason:
                 raise ValueError(
                     f"{owner}: parameter {name} (shape {tuple(p.shape)}) in {where} cannot be projected: {reason}"
@@ -232,14 +252,18 @@ class LowRankOptimizer(Optimizer):
             p.mul_(1 - decay_lr * group["weight_decay"])
         if projector is None and update.denom is not None:
             p.addcdiv_(update.numer, update.denom, value=-update.step_size)  # torch.optim.AdamW's op
+        elif projector is None:
+            p.add_(update.direction().to(p.dtype), alpha=-update.step_size)
         else:
-            direction = update.direction()
-            if projector is not None:
-                # The basis has the gradient's dtype; fp32 rules (8-bit, Adafactor) cast down.
-                direction = projector.project_back(direction.to(grad.dtype), state["projector"])
-                direction.mul_(group["scale"])
-            direction = self.full_rank_direction(direction, grad, low, state, group)
+            # The basis has the gradient's dtype; fp32 rules (8-bit, Adafactor) cast down.
+            low_direction = update.direction().to(grad.dtype)
+            direction = projector.project_back(low_direction, state["projector"]).mul_(group["scale"])
+            step = ParamStep(p, grad, low, low_direction, state, group, projector)
+            direction = self.full_rank_direction(direction, step)
             p.add_(direction.to(p.dtype), alpha=-update.step_size)
+            free = self.state_free_update(step)
+            if free is not None:
+                p.sub_(free.to(p.dtype))
         if decay and group["decay_after_update"]:
             # The GaLore reference decays after the update: W <- W - lr wd W.
             if isinstance(decay_lr, torch.Tensor):
@@ -251,7 +275,7 @@ class LowRankOptimizer(Optimizer):
         """New basis, then the moments per ``on_refresh``; False means skip this step."""
         pstate = state["projector"]
         had_basis = pstate["refreshes"] > 0
-        old = projector.bases(pstate, grad) if had_basis and group["on_refresh"] == "project" else None
+        old = dict(pstate)  # update() replaces entries, so this shallow copy is the old state
         try:
             projector.update(grad, pstate)
         except RefreshFailed as err:
@@ -263,8 +287,7 @@ class LowRankOptimizer(Optimizer):
                     state.pop(key, None)
                 state["step"] = 0  # restart bias correction with the moments
             elif group["on_refresh"] == "project":
-                a, b = projector.transition(old, projector.bases(pstate, grad))
-                self.remap_moments(state, a, b)
+                self.remap_moments(state, projector.transition(old, pstate, grad))
         return True
 
     # ------------------------------------------------------------------ hooks
@@ -272,9 +295,15 @@ class LowRankOptimizer(Optimizer):
         """Hook: precondition the (low-rank) gradient before the moment rule."""
         return low
 
-    def full_rank_direction(self, direction, grad, low, state: dict, group: dict) -> torch.Tensor:
-        """Hook: adjust the full-size update direction (already scaled and projected back)."""
+    def full_rank_direction(self, direction: torch.Tensor, step: ParamStep) -> torch.Tensor:
+        """Hook: adjust the full-size direction (``scale * project_back(N)``) of a projected
+        parameter; the template then subtracts ``step_size * direction``."""
         return direction
+
+    def state_free_update(self, step: ParamStep) -> torch.Tensor | None:
+        """Hook: an extra increment for a projected parameter, learning rate included,
+        subtracted after the main update (e.g. FRUGAL's signSGD on the complement)."""
+        return None
 
     def init_moments(self, low: torch.Tensor, state: dict, group: dict) -> None:
         """Hook: create the moment tensors for a gradient shaped like ``low``."""
@@ -300,15 +329,14 @@ class LowRankOptimizer(Optimizer):
         direction = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
         return Update(direction, None, group["lr"] * math.sqrt(bias_correction2) / bias_correction1)
 
-    def remap_moments(self, state: dict, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
-        """Hook: re-express the moments in a new basis, R_new = A R_old B.
+    def remap_moments(self, state: dict, transition: Transition) -> None:
+        """Hook: re-express the moments in the new low-rank coordinates (``on_refresh="project"``).
 
-        The first moment is linear in R and maps exactly.  The second moment is a mean of
-        squares: mapping it with the squared transition entries is exact when the old
-        coordinates are uncorrelated and always keeps it non-negative.
+        The first moment is linear in R and maps exactly; the second moment maps with the
+        squared transition (see :class:`~lowrank_optim.projectors.base.Transition`).
         """
-        state["exp_avg"].copy_(linear_map(state["exp_avg"], a, b))
-        state["exp_avg_sq"].copy_(linear_map(state["exp_avg_sq"], square(a), square(b)))
+        state["exp_avg"] = transition.apply(state["exp_avg"])
+        state["exp_avg_sq"] = transition.apply(state["exp_avg_sq"], squared=True)
 
     # ------------------------------------------------------------------ layer-wise mode
     def _register_layerwise_hooks(self, group: dict) -> None:
@@ -364,20 +392,6 @@ class LowRankOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-
-
-def linear_map(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
-    """A x B in fp32 (either factor may be None), returned in x's dtype."""
-    y = x.float()
-    if a is not None:
-        y = a.float() @ y
-    if b is not None:
-        y = y @ b.float()
-    return y.to(x.dtype)
-
-
-def square(x: torch.Tensor | None) -> torch.Tensor | None:
-    return None if x is None else x * x
 
 
 # -------------------------------------------------------------------------- checkpoints

@@ -34,7 +34,8 @@ from typing import Iterable
 import torch
 
 from .. import _validate as V
-from .base import ADAM_CHECKS, LowRankOptimizer, Update, linear_map, square
+from ..projectors.base import Transition
+from .base import ADAM_CHECKS, LowRankOptimizer, Update
 
 
 class GaLoreAdamW(LowRankOptimizer):
@@ -169,16 +170,14 @@ class GaLoreAdamW8bit(LowRankOptimizer):
         )
         return Update(direction.neg_(), None, group["lr"])
 
-    def remap_moments(self, state: dict, a, b) -> None:
+    def remap_moments(self, state: dict, transition: Transition) -> None:
         if state["exp_avg"].dtype != torch.uint8:
-            return super().remap_moments(state, a, b)
+            return super().remap_moments(state, transition)
         F = _bitsandbytes()
-        for key, qmap, (ma, mb) in zip(
-            ("exp_avg", "exp_avg_sq"), _quantization_maps(state["exp_avg"].device), ((a, b), (square(a), square(b)))
-        ):
+        for key, qmap, squared in zip(("exp_avg", "exp_avg_sq"), _quantization_maps(state["exp_avg"].device), (False, True)):
             absmax = state[key + "_absmax"]
             dense = F.dequantize_blockwise(state[key], absmax=absmax, code=qmap, blocksize=256)
-            codes, qstate = F.quantize_blockwise(linear_map(dense, ma, mb).contiguous(), code=qmap, blocksize=256)
+            codes, qstate = F.quantize_blockwise(transition.apply(dense, squared).contiguous(), code=qmap, blocksize=256)
             state[key].copy_(codes)
             absmax.copy_(qstate.absmax)
 
@@ -271,18 +270,17 @@ class GaLoreAdafactor(LowRankOptimizer):
             update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
         return Update(update, None, 1.0, decay_lr=rate)
 
-    def remap_moments(self, state: dict, a, b) -> None:
-        # The factored second moment keeps one statistic per row and per column of R:
-        # only the rotated side's statistics mix (with squared weights), the other side's
-        # coordinates are unchanged by the new basis.
+    def remap_moments(self, state: dict, transition: Transition) -> None:
+        # The factored second moment keeps one statistic per row and one per column of R:
+        # each side's statistics mix only under that side's map (with squared weights).
         if "exp_avg" in state:
-            state["exp_avg"].copy_(linear_map(state["exp_avg"], a, b))
+            state["exp_avg"] = transition.apply(state["exp_avg"])
         if "exp_avg_sq" in state:
-            state["exp_avg_sq"].copy_(linear_map(state["exp_avg_sq"], square(a), square(b)))
+            state["exp_avg_sq"] = transition.apply(state["exp_avg_sq"], squared=True)
         if "exp_avg_sq_row" in state:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row.copy_(linear_map(row.unsqueeze(-1), square(a), None).squeeze(-1))
-            col.copy_(linear_map(col.unsqueeze(-2), None, square(b)).squeeze(-2))
+            state["exp_avg_sq_row"] = transition.apply(row.unsqueeze(-1), squared=True, right=False).squeeze(-1)
+            state["exp_avg_sq_col"] = transition.apply(col.unsqueeze(-2), squared=True, left=False).squeeze(-2)
 
 
 def _rms(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,15 @@
 """Projectors by name: ``svd`` (exact), ``rsvd`` (randomized), ``random`` (seeded)."""
-from .base import PROJ_TYPES, REGISTRY, Projector, RefreshFailed, get_projector_class, make_projector, register_projector
+from .base import (
+    PROJ_TYPES,
+    REGISTRY,
+    Projector,
+    RefreshFailed,
+    Transition,
+    get_projector_class,
+    is_projected,
+    make_projector,
+    register_projector,
+)
 from .random import RandomProjector
 from .rsvd import RandomizedSVDProjector, randomized_svd
 from .svd import SVDProjector
@@ -9,6 +19,8 @@ __all__ = [
     "REGISTRY",
     "Projector",
     "RefreshFailed",
+    "Transition",
+    "is_projected",
     "RandomProjector",
     "RandomizedSVDProjector",
     "SVDProjector",

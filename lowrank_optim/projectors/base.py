@@ -54,7 +54,7 @@ class Projector:
 
     Subclasses implement :meth:`compute_bases` (new bases from a gradient at a refresh)
     and, when they do not store dense bases, :meth:`bases`.  Per-parameter state keys
-    used here: ``side`` (bit flags LEFT=1, RIGHT=2), ``age`` (steps since the last refresh), ``refreshes``
+    used here: ``side`` (bit flags LEFT=1, RIGHT=2), ``rank`` (this matrix's), ``age`` (steps since the last refresh), ``refreshes``
     (how many bases have been computed) and ``seed`` (per parameter, identical on every
     data-parallel rank because it derives from the parameter's position).
     """
@@ -64,8 +64,16 @@ class Projector:
     option_defaults: ClassVar[dict[str, Any]] = {}
     option_checks: ClassVar[dict[str, Check]] = {}
 
-    def __init__(self, rank: int, proj_type: str = "std", update_proj_gap: int = 200, **options: Any):
-        self.rank = rank
+    def __init__(
+        self,
+        rank: int | None,
+        proj_type: str = "std",
+        update_proj_gap: int = 200,
+        density: float | None = None,
+        **options: Any,
+    ):
+        self.rank = rank  # a fixed rank, or None to take ``density`` of each matrix
+        self.density = density
         self.proj_type = proj_type
         self.update_proj_gap = update_proj_gap
         for key, default in self.option_defaults.items():
@@ -78,8 +86,16 @@ class Projector:
         check_known_keys(owner, options, cls.option_defaults, f"projector_args key for projector={cls.name!r}")
         check_values(owner, options, cls.option_checks, where)
 
-    @classmethod
-    def validate_shape(cls, rank: int, proj_type: str, shape: torch.Size) -> str | None:
+    def rank_for(self, shape: torch.Size, side: int) -> int:
+        """This matrix's rank: the fixed ``rank``, or ``density`` times the projected side's
+        length (m for a left basis, n for a right one, min(m, n) for both)."""
+        if self.rank is not None:
+            return self.rank
+        m, n = shape
+        length = {LEFT: m, RIGHT: n}.get(side, min(m, n))
+        return max(1, round(self.density * length))
+
+    def validate_shape(self, shape: torch.Size) -> str | None:
         """Return why this parameter cannot be projected, or None."""
         if len(shape) != 2:
             return (
@@ -87,13 +103,15 @@ class Projector:
                 "weight (a 1-D tensor such as a bias, a norm or a flattened shard has no rank "
                 "structure; reshape higher-order weights or put them in a group without 'rank')"
             )
+        rank = self.rank_for(shape, choose_side(self.proj_type, shape))
         if rank > min(shape):
             return f"rank={rank} is larger than the {shape[0]}x{shape[1]} matrix allows (at most {min(shape)})"
         return None
 
     # ------------------------------------------------------------------ schedule
     def init_state(self, shape: torch.Size, seed: int) -> dict:
-        return {"side": choose_side(self.proj_type, shape), "age": 0, "refreshes": 0, "seed": seed}
+        side = choose_side(self.proj_type, shape)
+        return {"side": side, "rank": self.rank_for(shape, side), "age": 0, "refreshes": 0, "seed": seed}
 
     def should_update(self, pstate: dict) -> bool:
         """Refresh before the first step and then every ``update_proj_gap`` steps.
@@ -165,15 +183,18 @@ class Projector:
             full = full @ right
         return full
 
-    def transition(self, old: tuple, new: tuple) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(A, B) with R_new ~= A R_old B, to re-express moments in a new basis.
+    def transition(self, old: dict, new: dict, like: torch.Tensor) -> "Transition":
+        """How the low-rank coordinates of the ``old`` state map to those of ``new``.
 
-        For a left basis A = P_new^T P_old; for a right basis B = Q_old Q_new^T.
+        Dense bases: R_new ~= A R_old B with A = P_new^T P_old (left) and
+        B = Q_old Q_new^T (right).  Index-based projectors override this with an
+        :class:`IndexMap` (carry surviving coordinates over, start new ones at zero).
         """
-        (old_left, old_right), (new_left, new_right) = old, new
-        a = new_left.t() @ old_left if new_left is not None else None
-        b = old_right @ new_right.t() if new_right is not None else None
-        return a, b
+        (old_left, old_right), (new_left, new_right) = self.bases(old, like), self.bases(new, like)
+        return Transition(
+            left=DenseMap(new_left.float().t() @ old_left.float()) if new_left is not None else None,
+            right=DenseMap(old_right.float() @ new_right.float().t()) if new_right is not None else None,
+        )
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -186,6 +207,60 @@ class Projector:
     def sides(self, pstate: dict) -> tuple[bool, bool]:
         """(uses a left basis, uses a right basis)."""
         return bool(pstate["side"] & LEFT), bool(pstate["side"] & RIGHT)
+
+
+class DenseMap:
+    """A linear change of coordinates along one side, applied by a small matmul."""
+
+    def __init__(self, matrix: torch.Tensor):
+        self.matrix = matrix  # (r_new x r_old) for the left side, (r_old x r_new) for the right
+
+    def apply(self, x: torch.Tensor, dim: int, squared: bool) -> torch.Tensor:
+        m = self.matrix.square() if squared else self.matrix
+        return m @ x if dim == 0 else x @ m
+
+
+class IndexMap:
+    """Coordinates named by indices: a surviving index keeps its value, a new one starts at 0.
+
+    Matching is an r_new x r_old comparison, a gather and a mask: no matmul, no host sync.
+    """
+
+    def __init__(self, old: torch.Tensor, new: torch.Tensor):
+        self.old, self.new = old, new
+
+    def apply(self, x: torch.Tensor, dim: int, squared: bool) -> torch.Tensor:
+        matches = self.new.unsqueeze(1) == self.old.unsqueeze(0)
+        survives = matches.any(dim=1)
+        source = matches.to(torch.int8).argmax(dim=1)  # position in old (any, where none matches)
+        gathered = x.index_select(dim, source.to(x.device)) if len(self.old) else x.new_zeros(
+            x.shape[:dim] + (len(self.new),) + x.shape[dim + 1 :]
+        )
+        shape = [1] * x.dim()
+        shape[dim] = len(self.new)
+        return gathered * survives.view(shape).to(device=x.device, dtype=x.dtype)
+
+
+class Transition:
+    """Re-expresses a low-rank tensor (a moment) after a refresh, one map per side.
+
+    For a second moment (``squared=True``) a dense map uses its squared entries, which is
+    exact when the old coordinates are uncorrelated and keeps the moment non-negative; an
+    index map is the same for both moments.
+    """
+
+    def __init__(self, left: DenseMap | IndexMap | None = None, right: DenseMap | IndexMap | None = None):
+        self.left, self.right = left, right
+
+    def apply(self, x: torch.Tensor, squared: bool = False, left: bool = True, right: bool = True) -> torch.Tensor:
+        """``x`` mapped in fp32 and returned in its dtype; ``left``/``right`` pick the sides
+        to map (a factored statistic has only one)."""
+        y = x.float()
+        if left and self.left is not None:
+            y = self.left.apply(y, 0, squared)
+        if right and self.right is not None:
+            y = self.right.apply(y, y.dim() - 1, squared)
+        return y.to(x.dtype)
 
 
 REGISTRY: dict[str, type[Projector]] = {}
@@ -202,10 +277,18 @@ def get_projector_class(name: str) -> type[Projector]:
 
 def make_projector(group: Mapping[str, Any]) -> Projector | None:
     """The projector configured by a param group, or None for a dense (full-rank) group."""
-    if group.get("rank") is None:
+    if not is_projected(group):
         return None
     cls = REGISTRY[group["projector"]]
-    return cls(group["rank"], group["proj_type"], group["update_proj_gap"], **(group.get("projector_args") or {}))
+    return cls(
+        group["rank"], group["proj_type"], group["update_proj_gap"], group.get("density"),
+        **(group.get("projector_args") or {}),
+    )
+
+
+def is_projected(group: Mapping[str, Any]) -> bool:
+    """A group is projected when it sets a ``rank`` or a ``density``."""
+    return group.get("rank") is not None or group.get("density") is not None
 
 
 def compact(basis: torch.Tensor) -> torch.Tensor:

@@ -40,12 +40,13 @@ class RandomProjector(Projector):
         device, dtype = like.device, like.dtype
         gen = self.generator(pstate["seed"], pstate["refreshes"], device)
         want_left, want_right = self.sides(pstate)
-        left = self._draw(m, gen, device).to(dtype) if want_left else None
-        right = self._draw(n, gen, device).t().to(dtype) if want_right else None
+        rank = pstate["rank"]
+        left = self._draw(m, rank, gen, device).to(dtype) if want_left else None
+        right = self._draw(n, rank, gen, device).t().to(dtype) if want_right else None
         return left, right
 
-    def _draw(self, size: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-        sample = torch.randn(size, self.rank, generator=gen, device=device)
+    def _draw(self, size: int, rank: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+        sample = torch.randn(size, rank, generator=gen, device=device)
         if self.distribution == "orthonormal":
             return orthonormal_columns(sample)
-        return sample * unit_gaussian_scale(self.rank)
+        return sample * unit_gaussian_scale(rank)

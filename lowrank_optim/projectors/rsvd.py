@@ -33,7 +33,7 @@ class RandomizedSVDProjector(Projector):
     def compute_bases(self, matrix: torch.Tensor, pstate: dict) -> dict[str, torch.Tensor]:
         u, vh = randomized_svd(
             matrix,
-            self.rank,
+            pstate["rank"],
             self.oversample,
             self.power_iters,
             self.generator(pstate["seed"], pstate["refreshes"], matrix.device),

@@ -18,7 +18,8 @@ class SVDProjector(Projector):
 
     def compute_bases(self, matrix: torch.Tensor, pstate: dict) -> dict[str, torch.Tensor]:
         u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-        return select_sides(self, pstate, u[:, : self.rank], vh[: self.rank])
+        rank = pstate["rank"]
+        return select_sides(self, pstate, u[:, :rank], vh[:rank])
 
 
 def select_sides(projector: Projector, pstate: dict, u: torch.Tensor, vh: torch.Tensor) -> dict[str, torch.Tensor]:
