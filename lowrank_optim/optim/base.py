@@ -163,8 +163,10 @@ class LowRankOptimizer(Optimizer):
 
     @classmethod
     def hyperparameter_defaults(cls) -> dict[str, Any]:
-        """Every constructor keyword and its default: the method's own, then the shared ones."""
-        return {**cls.method_defaults, **LOW_RANK_DEFAULTS, **LOOP_DEFAULTS}
+        """Every constructor keyword and its default: the method's own (which may override a
+        shared default, e.g. FRUGAL's ``scale``), then the shared ones."""
+        shared = {**LOW_RANK_DEFAULTS, **LOOP_DEFAULTS}
+        return {**cls.method_defaults, **{k: v for k, v in shared.items() if k not in cls.method_defaults}}
 
     @classmethod
     def checks(cls) -> dict[str, V.Check]:
@@ -228,7 +230,7 @@ class LowRankOptimizer(Optimizer):
         if "step" not in state:
             state["step"] = 0
             if projector is not None:
-                state["projector"] = projector.init_state(p.shape, self._param_seed(p, group))
+                state["projector"] = projector.init_state(p.shape, self._param_seed(p, group), self._group_slot(p, group))
         if projector is not None:
             pstate = state["projector"]
             if projector.should_update(pstate) and not self._refresh(p, grad, group, state, projector):
@@ -376,6 +378,11 @@ class LowRankOptimizer(Optimizer):
         self._hooks.clear()
 
     # ------------------------------------------------------------------ helpers
+    def _group_slot(self, p: torch.Tensor, group: dict) -> tuple[int, int]:
+        """(index of ``p`` in its group, group size): for projectors that choose among the
+        matrices of a group (FRUGAL's blocks)."""
+        return next(i for i, q in enumerate(group["params"]) if q is p), len(group["params"])
+
     def _param_seed(self, p: torch.Tensor, group: dict) -> int:
         """Seed from the parameter's position: identical on every data-parallel rank."""
         return group["seed"] * 1_000_003 + self._position(p)[1]

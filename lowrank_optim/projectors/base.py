@@ -109,7 +109,8 @@ class Projector:
         return None
 
     # ------------------------------------------------------------------ schedule
-    def init_state(self, shape: torch.Size, seed: int) -> dict:
+    def init_state(self, shape: torch.Size, seed: int, group_slot: tuple[int, int] = (0, 1)) -> dict:
+        """Fresh per-parameter state.  ``group_slot`` = (index in its group, group size)."""
         side = choose_side(self.proj_type, shape)
         return {"side": side, "rank": self.rank_for(shape, side), "age": 0, "refreshes": 0, "seed": seed}
 

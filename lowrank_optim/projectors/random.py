@@ -24,8 +24,8 @@ class RandomProjector(Projector):
     option_defaults = {"distribution": "orthonormal"}
     option_checks = {"distribution": choice("orthonormal", "gaussian")}
 
-    def init_state(self, shape: torch.Size, seed: int) -> dict:
-        pstate = super().init_state(shape, seed)
+    def init_state(self, shape: torch.Size, seed: int, group_slot: tuple[int, int] = (0, 1)) -> dict:
+        pstate = super().init_state(shape, seed, group_slot)
         pstate["shape"] = tuple(shape)
         return pstate
 
