@@ -56,6 +56,11 @@ OPTIMIZER_CASES = {
         groups(m, b, on_refresh="project"), lr=1e-2, min_8bit_size=16
     ),
     "galore_adafactor": lambda m, b: lo.GaLoreAdafactor(groups(m, b), beta1=0.9, weight_decay=0.01),
+    "fira": lambda m, b: lo.FiraAdamW(groups(m, b), lr=1e-2, weight_decay=0.1),
+    "fira_reference_matrix_project": lambda m, b: lo.FiraAdamW(
+        groups(m, b, scaling="matrix", proj_type="full", on_refresh="project"),
+        lr=1e-2, eps_style="hf", decay_after_update=True, reference_compat=True, norm_growth_limit=1.05,
+    ),
     "galore_adafactor_project": lambda m, b: lo.GaLoreAdafactor(
         groups(m, b, on_refresh="project", proj_type="full"), lr=1e-2, relative_step=False
     ),

@@ -70,4 +70,5 @@ def test_create_optimizer_by_name_from_a_model():
     assert opt.param_groups[0]["lr"] == 0.02 and opt.param_groups[0]["scale"] == 0.5
     dense = lo.create_optimizer("lowrank_galore_adafactor", model.parameters())
     assert all(g["rank"] is None for g in dense.param_groups)
-    assert lo.available_optimizers() == ["galore_adafactor", "galore_adamw", "galore_adamw8bit"]
+    assert {"fira_adamw", "galore_adafactor", "galore_adamw", "galore_adamw8bit"} <= set(lo.available_optimizers())
+    assert lo.available_optimizers() == sorted(lo.optim.OPTIMIZERS)

@@ -1,5 +1,6 @@
 """Optimizers by name; every class is a :class:`LowRankOptimizer`."""
 from .base import LowRankOptimizer, Update
+from .fira import FiraAdamW
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 #: ``create_optimizer`` / Trainer names -> classes.
@@ -7,6 +8,7 @@ OPTIMIZERS: dict[str, type[LowRankOptimizer]] = {
     "galore_adamw": GaLoreAdamW,
     "galore_adamw8bit": GaLoreAdamW8bit,
     "galore_adafactor": GaLoreAdafactor,
+    "fira_adamw": FiraAdamW,
 }
 
-__all__ = ["OPTIMIZERS", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankOptimizer", "Update"]
+__all__ = ["OPTIMIZERS", "FiraAdamW", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankOptimizer", "Update"]

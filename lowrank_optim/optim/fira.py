@@ -1,0 +1,148 @@
+r"""Fira: full-rank training under a low-rank constraint (Chen et al., 2024, arXiv:2410.01623).
+
+Fira keeps GaLore's low-rank Adam (:mod:`.galore`) and adds back the part of the gradient
+that GaLore drops, scaled by how much Adam scaled the part it kept.  For a weight W (m x n)
+with a left basis P (m x r; a right basis Q is the mirror image: R = G Q^T, per row), step t:
+
+.. math::
+    R = P^\top G,\quad M, V \leftarrow \text{Adam moments of } R,\quad
+    N = M / (\sqrt{\hat V} + \epsilon),\quad \eta_t = \eta / (1-\beta_1^t)
+
+.. math::
+    \phi_j = \frac{\lVert N_{:,j}\rVert}{\lVert R_{:,j}\rVert + 10^{-8}}
+    \ (\texttt{scaling="column"}),\qquad
+    \phi = \frac{\lVert N\rVert_F}{\lVert R\rVert_F + 10^{-8}}\ (\texttt{scaling="matrix"})
+
+.. math::
+    S = (G - P R) \odot \phi,\qquad
+    S \leftarrow S\,\frac{\gamma \lVert S_{prev}\rVert}{\lVert S\rVert}
+    \ \text{ if } \lVert S\rVert > \gamma \lVert S_{prev}\rVert,\qquad
+    W \leftarrow W (1-\eta\lambda) - \eta_t\,\alpha\,(P N + S).
+
+The column norms run over the rank dimension, one factor per channel of the side the basis
+keeps at full length (the columns of a left-projected R, the rows of a right-projected one);
+this is the reference's shape rule whenever r is smaller than that side, and it is read from
+the stored side, so it also holds at r equal to it.  ``G - P R`` is the exact complement
+(I - P P^T) G of the paper.  The norm-growth limiter γ (``norm_growth_limit``; None turns it
+off) stores the post-limit norm as the 0-dim tensor ``state["residual_norm"]``; the first
+step only stores.  It is all tensor ops: no host sync per step.
+
+``reference_compat=True`` follows the ``fira`` package instead:
+
+.. math::
+    S = (G - \alpha P R) \odot \phi,\qquad W \leftarrow W - \eta_t\,(\alpha P N + S),
+
+with its limiter arithmetic, :math:`S \leftarrow S / \ell`,
+:math:`\ell = \max(\lVert S\rVert / (\lVert S_{prev}\rVert + 10^{-8}), \gamma)/\gamma`.  Its
+residual is :math:`(I - PP^\top)G + (1-\alpha)PP^\top G`: at α = 0.25 it keeps 75% of the
+in-subspace gradient (which Adam already stepped on), and the residual is not multiplied by
+α, so relative to the low-rank step it weighs 1/α = 4 times as much as in the paper's form.
+With ``eps_style="hf", decay_after_update=True, eps=1e-6, weight_decay=0`` this reproduces
+``fira.FiraAdamW`` bit for bit.
+
+N is the moment rule's direction before the step size: with ``eps_style="torch"`` V is
+bias-corrected and the β1 correction lives in η_t (``"hf"``: both in η_t, as the reference),
+so η_t φ is the ratio for the bias-corrected Adam step.  The limiter compares S before η_t,
+as the reference does, so while 1-β1^t grows (the first ~1/(1-β1) steps) that growth counts
+as norm growth and is limited.
+
+Defaults follow ``torch.optim.AdamW`` (lr 1e-3, eps 1e-8, weight decay 1e-2) with α = 0.25,
+γ = 1.01; the paper trains LLaMA with lr 0.01, α 0.25 (0.0625 at 1B), T = 200, γ = 1.01.
+State per matrix: GaLore's (basis and two r-sized moments) plus one scalar.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as V
+from ..projectors import is_projected
+from .base import ADAM_CHECKS, LowRankOptimizer, ParamStep
+
+
+class FiraAdamW(LowRankOptimizer):
+    """GaLore's low-rank Adam plus Fira's scaled full-rank residual (module docstring has the math).
+
+    Args: those of :class:`~lowrank_optim.optim.galore.GaLoreAdamW`, and
+        scaling: ``column`` (one factor per channel of the kept side) or ``matrix``
+            (one Frobenius ratio); ``column`` needs a one-sided ``proj_type``.
+        norm_growth_limit: γ >= 1, the largest step-to-step growth of the residual's norm;
+            None disables the limiter.
+        reference_compat: the ``fira`` package's residual and limiter arithmetic instead of
+            the paper's.
+    """
+
+    method_defaults = {
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 1e-2,
+        "eps_style": "torch",
+        "scaling": "column",
+        "norm_growth_limit": 1.01,
+        "reference_compat": False,
+    }
+    method_checks = {
+        **ADAM_CHECKS,
+        "scaling": V.choice("column", "matrix"),
+        "norm_growth_limit": V.Check(
+            lambda g: V.real()(g) and g >= 1, "a finite number >= 1, or None to disable the limiter", optional=True
+        ),
+        "reference_compat": V.boolean(),
+    }
+
+    def _validate_group(self, group: dict, index: int) -> None:
+        super()._validate_group(group, index)
+        if is_projected(group) and group["scaling"] == "column" and group["proj_type"] == "full":
+            raise ValueError(
+                f"{type(self).__name__}: scaling='column' cannot be combined with proj_type='full' in param "
+                f"group {index}: a two-sided projection keeps no side at full length; use scaling='matrix'"
+            )
+
+    def full_rank_direction(self, direction: torch.Tensor, step: ParamStep) -> torch.Tensor:
+        group, alpha = step.group, step.group["scale"]
+        inside = step.projector.project_back(step.low, step.state["projector"])
+        if group["reference_compat"]:
+            inside = inside * alpha  # the reference subtracts alpha * P R, not P R
+        residual = (step.grad - inside).mul_(_norm_ratio(step))
+        residual = _limit_growth(residual, step.state, group)
+        return direction.add_(residual, alpha=1.0 if group["reference_compat"] else alpha)
+
+
+def _norm(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    # Half-precision norms accumulate in fp32: the limiter's 1% threshold is finer than bf16.
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return torch.linalg.vector_norm(x, dim=dim, keepdim=dim is not None, dtype=dtype)
+
+
+def _norm_ratio(step: ParamStep) -> torch.Tensor:
+    """φ: how much the moment rule scaled R, per channel of the kept side or per matrix."""
+    dim = None
+    if step.group["scaling"] == "column":
+        _, right = step.projector.sides(step.state["projector"])
+        dim = 1 if right else 0  # the rank dimension: G Q^T is m x r, P^T G is r x n
+    ratio = _norm(step.low_direction, dim) / (_norm(step.low, dim) + 1e-8)
+    return ratio.to(step.grad.dtype)
+
+
+def _limit_growth(residual: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+    """Fira's norm-growth limiter: ||S|| at most γ times last step's (post-limit) ||S||."""
+    gamma = group["norm_growth_limit"]
+    if gamma is None:
+        return residual
+    norm = _norm(residual)
+    previous = state.get("residual_norm")
+    if previous is None:
+        state["residual_norm"] = norm  # first step: nothing to compare with
+    elif group["reference_compat"]:
+        limiter = (norm / (previous + 1e-8) / gamma).clamp(min=1.0)
+        residual = residual / limiter
+        state["residual_norm"] = norm / limiter
+    else:
+        # Stored as the exact min(||S||, γ ||S_prev||); a zero residual stays zero (no 0/0).
+        limited = torch.minimum(norm, previous * gamma)
+        residual = residual * (limited / norm.clamp(min=torch.finfo(norm.dtype).tiny))
+        state["residual_norm"] = limited
+    return residual
+
+
+__all__ = ["FiraAdamW"]
