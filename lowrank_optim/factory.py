@@ -10,10 +10,10 @@ from .optim import OPTIMIZERS, LowRankOptimizer
 
 
 def param_groups(
-    model: nn.Module, target_modules: Iterable[str] = ("attn", "mlp"), rank: int = 128, **group_kw: Any
+    model: nn.Module, target_modules: Iterable[str] = ("attn", "mlp"), rank: int | None = 128, **group_kw: Any
 ) -> list[dict[str, Any]]:
     """Two param groups: the 2-D ``nn.Linear`` weights of modules whose qualified name
-    contains one of ``target_modules`` (projected, with ``rank`` and ``group_kw``), and
+    contains one of ``target_modules`` (projected, with ``rank`` or ``density`` and ``group_kw``), and
     everything else (embeddings, norms, biases, the LM head: full-rank AdamW).
 
     >>> opt = GaLoreAdamW(param_groups(model, ("attn", "mlp"), rank=128, update_proj_gap=200))
@@ -39,6 +39,8 @@ def param_groups(
             f"param_groups: no nn.Linear module name contains any of target_modules={list(targets)}; "
             "check the names with [n for n, _ in model.named_modules()]"
         )
+    if group_kw.get("density") is not None:
+        rank = None  # the projected size comes from density instead
     groups = [{"params": low[1], "param_names": low[0], "rank": rank, **group_kw}]
     if dense[1]:
         groups.append({"params": dense[1], "param_names": dense[0]})
@@ -72,12 +74,13 @@ def create_optimizer(
     if unknown:
         raise ValueError(f"create_optimizer: {cls.__name__} has no option(s) {unknown}; valid ones are: {', '.join(accepted)}")
     if isinstance(model_or_params, nn.Module):
-        if kwargs.get("rank") is None:
+        size = {k: kwargs.pop(k) for k in ("rank", "density") if kwargs.get(k) is not None}
+        if not size:
             raise ValueError(
-                f"create_optimizer: {name!r} given a model needs rank=... to project its target_modules; "
-                "pass model.parameters() (or param groups) for a full-rank optimizer"
+                f"create_optimizer: {name!r} given a model needs rank=... (or density=...) to project its "
+                "target_modules; pass model.parameters() (or param groups) for a full-rank optimizer"
             )
-        params = param_groups(model_or_params, target_modules, rank=kwargs.pop("rank"))
+        params = param_groups(model_or_params, target_modules, **size)
     else:
         params = model_or_params
     return cls(params, **kwargs)

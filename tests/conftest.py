@@ -61,6 +61,16 @@ OPTIMIZER_CASES = {
         groups(m, b, scaling="matrix", proj_type="full", on_refresh="project"),
         lr=1e-2, eps_style="hf", decay_after_update=True, reference_compat=True, norm_growth_limit=1.05,
     ),
+    "frugal_svd": lambda m, b: lo.FrugalAdamW(groups(m, b), lr=1e-2, weight_decay=0.1),
+    "frugal_blocks": lambda m, b: lo.FrugalAdamW(
+        groups(m, b, rank=None, density=0.5, projector="blocks", projector_args={"order": "ascending"}), lr=1e-2
+    ),
+    "frugal_columns_keep": lambda m, b: lo.FrugalAdamW(
+        groups(m, b, rank=None, density=0.5, projector="columns", on_refresh="keep"), lr=1e-2, state_free="sgd"
+    ),
+    "frugal_entries_project": lambda m, b: lo.FrugalAdamW(
+        groups(m, b, rank=None, density=0.3, projector="entries", on_refresh="project"), lr=1e-2
+    ),
     "galore_adafactor_project": lambda m, b: lo.GaLoreAdafactor(
         groups(m, b, on_refresh="project", proj_type="full"), lr=1e-2, relative_step=False
     ),

@@ -25,7 +25,7 @@ def test_cuda_run_tracks_the_cpu_run(name):
             opt.step()
         runs.append([p.detach().cpu() for p in (*mats, bias)])
     for a, b in zip(*runs):
-        if name.startswith("galore_random"):  # CPU and CUDA generators draw different bases
+        if name.startswith(("galore_random", "frugal_columns", "frugal_entries")):  # CPU and CUDA generators differ
             assert torch.isfinite(b).all()
         else:
             torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)

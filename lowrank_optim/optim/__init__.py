@@ -1,6 +1,7 @@
 """Optimizers by name; every class is a :class:`LowRankOptimizer`."""
 from .base import LowRankOptimizer, Update
 from .fira import FiraAdamW
+from .frugal import FrugalAdamW
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 #: ``create_optimizer`` / Trainer names -> classes.
@@ -9,6 +10,7 @@ OPTIMIZERS: dict[str, type[LowRankOptimizer]] = {
     "galore_adamw8bit": GaLoreAdamW8bit,
     "galore_adafactor": GaLoreAdafactor,
     "fira_adamw": FiraAdamW,
+    "frugal_adamw": FrugalAdamW,
 }
 
-__all__ = ["OPTIMIZERS", "FiraAdamW", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankOptimizer", "Update"]
+__all__ = ["OPTIMIZERS", "FiraAdamW", "FrugalAdamW", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankOptimizer", "Update"]

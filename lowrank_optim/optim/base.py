@@ -28,7 +28,7 @@ from torch.optim import Optimizer
 
 from .. import _validate as V
 from ..projectors import PROJ_TYPES, REGISTRY, Projector, RefreshFailed, is_projected, make_projector
-from ..projectors.base import Transition
+from ..projectors.base import CLOCK, Transition
 
 #: Hyperparameters every LowRankOptimizer group carries, with their checks.
 COMMON_CHECKS: dict[str, V.Check] = {
@@ -187,7 +187,7 @@ class LowRankOptimizer(Optimizer):
 
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
         owner, where = type(self).__name__, f"param group {index}"
-        V.check_known_keys(owner, group, {*self.defaults, "params", "param_names"}, f"key in {where}")
+        V.check_known_keys(owner, group, {*self.defaults, "params", "param_names", CLOCK}, f"key in {where}")
         V.check_values(owner, group, self.checks(), where)
         if group["rank"] is not None and group["density"] is not None:
             raise ValueError(
@@ -213,13 +213,16 @@ class LowRankOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.layerwise:
-            return loss  # parameters were stepped by their gradient hooks
+        if not self.layerwise:  # in layer-wise mode the gradient hooks stepped the parameters
+            for group in self.param_groups:
+                projector = make_projector(group)
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._step_param(p, group, projector)
         for group in self.param_groups:
-            projector = make_projector(group)
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._step_param(p, group, projector)
+            # The group's clock: a schedule all its matrices share (FRUGAL's block rounds),
+            # whichever of them had a gradient; saved with the param groups.
+            group[CLOCK] = group.get(CLOCK, 0) + 1
         return loss
 
     def _step_param(self, p: torch.Tensor, group: dict, projector: Projector | None) -> None:
@@ -259,10 +262,11 @@ class LowRankOptimizer(Optimizer):
         else:
             # The basis has the gradient's dtype; fp32 rules (8-bit, Adafactor) cast down.
             low_direction = update.direction().to(grad.dtype)
-            direction = projector.project_back(low_direction, state["projector"]).mul_(group["scale"])
             step = ParamStep(p, grad, low, low_direction, state, group, projector)
-            direction = self.full_rank_direction(direction, step)
-            p.add_(direction.to(p.dtype), alpha=-update.step_size)
+            if low.numel():  # an empty subspace (an inactive FRUGAL block) has no update
+                direction = projector.project_back(low_direction, state["projector"]).mul_(group["scale"])
+                direction = self.full_rank_direction(direction, step)
+                p.add_(direction.to(p.dtype), alpha=-update.step_size)
             free = self.state_free_update(step)
             if free is not None:
                 p.sub_(free.to(p.dtype))
@@ -288,8 +292,13 @@ class LowRankOptimizer(Optimizer):
                 for key in self.moment_keys:
                     state.pop(key, None)
                 state["step"] = 0  # restart bias correction with the moments
-            elif group["on_refresh"] == "project":
-                self.remap_moments(state, projector.transition(old, pstate, grad))
+                return True
+            if group["on_refresh"] == "project":
+                transition = projector.transition(old, pstate, grad)
+            else:
+                transition = projector.keep_transition(old, pstate, grad)
+            if transition is not None:
+                self.remap_moments(state, transition)
         return True
 
     # ------------------------------------------------------------------ hooks

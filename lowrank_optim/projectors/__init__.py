@@ -1,4 +1,5 @@
-"""Projectors by name: ``svd`` (exact), ``rsvd`` (randomized), ``random`` (seeded)."""
+"""Projectors by name: ``svd`` (exact), ``rsvd`` (randomized), ``random`` (seeded),
+``columns``/``rows``/``entries``/``blocks`` (coordinate subsets)."""
 from .base import (
     PROJ_TYPES,
     REGISTRY,
@@ -10,11 +11,17 @@ from .base import (
     make_projector,
     register_projector,
 )
+from .coords import BlockProjector, ColumnProjector, CoordinateProjector, EntryProjector, RowProjector
 from .random import RandomProjector
 from .rsvd import RandomizedSVDProjector, randomized_svd
 from .svd import SVDProjector
 
 __all__ = [
+    "BlockProjector",
+    "ColumnProjector",
+    "CoordinateProjector",
+    "EntryProjector",
+    "RowProjector",
     "PROJ_TYPES",
     "REGISTRY",
     "Projector",

@@ -70,10 +70,15 @@ class Projector:
         proj_type: str = "std",
         update_proj_gap: int = 200,
         density: float | None = None,
+        *,
+        seed: int = 0,
+        clock: int = 0,
         **options: Any,
     ):
         self.rank = rank  # a fixed rank, or None to take ``density`` of each matrix
         self.density = density
+        self.seed = seed  # the group's seed (per-parameter seeds live in the state)
+        self.clock = clock  # optimizer steps the group has taken: a schedule shared by the group
         self.proj_type = proj_type
         self.update_proj_gap = update_proj_gap
         for key, default in self.option_defaults.items():
@@ -197,6 +202,21 @@ class Projector:
             right=DenseMap(old_right.float() @ new_right.float().t()) if new_right is not None else None,
         )
 
+    #: True when up(down(x)) keeps some coordinates of x and zeroes the rest (coordinate
+    #: subsets): the residual then lies in the complement exactly, and so does any
+    #: element-wise function of it (FRUGAL's sign).
+    exact_split: ClassVar[bool] = False
+
+    def residual(self, grad: torch.Tensor, low: torch.Tensor, pstate: dict) -> torch.Tensor | None:
+        """G - up(down(G)), given ``low`` = down(G); None when it is zero by construction."""
+        return grad - self.project_back(low, pstate)
+
+    def keep_transition(self, old: dict, new: dict, like: torch.Tensor) -> "Transition | None":
+        """What ``on_refresh="keep"`` does: None carries the moments by position (GaLore's
+        reference).  Index-based projectors return their index map instead: carrying by
+        position would hand one coordinate's statistics to another."""
+        return None
+
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def generator(seed: int, refreshes: int, device: torch.device) -> torch.Generator:
@@ -224,22 +244,26 @@ class DenseMap:
 class IndexMap:
     """Coordinates named by indices: a surviving index keeps its value, a new one starts at 0.
 
-    Matching is an r_new x r_old comparison, a gather and a mask: no matmul, no host sync.
+    Matching sorts the old indices and binary-searches the new ones: O(k log k) time and
+    O(k) memory (a k x k comparison would be 10^14 booleans for the entries of a
+    4096 x 11008 matrix), no matmul, no host sync.  Indices need not be sorted.
     """
 
     def __init__(self, old: torch.Tensor, new: torch.Tensor):
         self.old, self.new = old, new
 
     def apply(self, x: torch.Tensor, dim: int, squared: bool) -> torch.Tensor:
-        matches = self.new.unsqueeze(1) == self.old.unsqueeze(0)
-        survives = matches.any(dim=1)
-        source = matches.to(torch.int8).argmax(dim=1)  # position in old (any, where none matches)
-        gathered = x.index_select(dim, source.to(x.device)) if len(self.old) else x.new_zeros(
-            x.shape[:dim] + (len(self.new),) + x.shape[dim + 1 :]
-        )
-        shape = [1] * x.dim()
-        shape[dim] = len(self.new)
-        return gathered * survives.view(shape).to(device=x.device, dtype=x.dtype)
+        old, new = self.old.to(x.device).long(), self.new.to(x.device).long()
+        shape = list(x.shape)
+        shape[dim] = len(new)
+        if len(old) == 0 or len(new) == 0:
+            return x.new_zeros(shape)
+        sorted_old, order = old.sort()
+        position = torch.searchsorted(sorted_old, new).clamp_(max=len(old) - 1)
+        survives = sorted_old[position] == new
+        mask = [1] * x.dim()
+        mask[dim] = len(new)
+        return x.index_select(dim, order[position]) * survives.view(mask).to(x.dtype)
 
 
 class Transition:
@@ -283,8 +307,12 @@ def make_projector(group: Mapping[str, Any]) -> Projector | None:
     cls = REGISTRY[group["projector"]]
     return cls(
         group["rank"], group["proj_type"], group["update_proj_gap"], group.get("density"),
-        **(group.get("projector_args") or {}),
+        seed=group["seed"], clock=group.get(CLOCK, 0), **(group.get("projector_args") or {}),
     )
+
+
+#: The param-group key counting the optimizer steps a group has taken (saved with the groups).
+CLOCK = "steps_taken"
 
 
 def is_projected(group: Mapping[str, Any]) -> bool:
