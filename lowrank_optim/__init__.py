@@ -1,11 +1,12 @@
 """lowrank_optim: memory-efficient low-rank optimizers (the GaLore family) for PyTorch."""
 from .factory import available_optimizers, create_optimizer, param_groups
-from .optim import FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, LowRankOptimizer
+from .optim import DCTAdamW, FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, LowRankOptimizer
 from .projectors import Projector, register_projector
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DCTAdamW",
     "FiraAdamW",
     "FrugalAdamW",
     "GaLoreAdafactor",

@@ -71,6 +71,12 @@ OPTIMIZER_CASES = {
     "frugal_entries_project": lambda m, b: lo.FrugalAdamW(
         groups(m, b, rank=None, density=0.3, projector="entries", on_refresh="project"), lr=1e-2
     ),
+    "dct_adamw": lambda m, b: lo.DCTAdamW(groups(m, b), lr=1e-2),
+    "dct_adamw_full_matmul_l1": lambda m, b: lo.DCTAdamW(
+        groups(m, b, proj_type="full", projector_args={"transform": "matmul", "norm": "l1"}), lr=1e-2, weight_decay=0.1
+    ),
+    "fira_dct": lambda m, b: lo.FiraAdamW(groups(m, b, projector="dct"), lr=1e-2),
+    "frugal_dct": lambda m, b: lo.FrugalAdamW(groups(m, b, projector="dct", rank=None, density=0.3), lr=1e-2),
     "galore_adafactor_project": lambda m, b: lo.GaLoreAdafactor(
         groups(m, b, on_refresh="project", proj_type="full"), lr=1e-2, relative_step=False
     ),

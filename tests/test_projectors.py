@@ -41,7 +41,7 @@ def test_power_iterations_matter_on_a_flat_spectrum():
     assert crude < 0.97 * refined and refined <= exact * (1 + 1e-5)
 
 
-@pytest.mark.parametrize("name", ["svd", "rsvd", "random"])
+@pytest.mark.parametrize("name", ["svd", "rsvd", "random", "dct"])
 @pytest.mark.parametrize(
     "proj_type,shape,low_shape",
     [

@@ -126,7 +126,7 @@ def test_missing_bitsandbytes_gives_clear_import_error(monkeypatch):
         lo.GaLoreAdamW8bit(mats())
 
 
-@pytest.mark.parametrize("cls", [lo.GaLoreAdamW, lo.GaLoreAdamW8bit, lo.GaLoreAdafactor, lo.FiraAdamW])
+@pytest.mark.parametrize("cls", [lo.GaLoreAdamW, lo.GaLoreAdamW8bit, lo.GaLoreAdafactor, lo.FiraAdamW, lo.FrugalAdamW, lo.DCTAdamW])
 def test_signature_lists_every_hyperparameter_and_rejects_unknown_keywords(cls):
     import inspect
 

@@ -1,5 +1,6 @@
 """Optimizers by name; every class is a :class:`LowRankOptimizer`."""
 from .base import LowRankOptimizer, Update
+from .dct import DCTAdamW
 from .fira import FiraAdamW
 from .frugal import FrugalAdamW
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
@@ -11,6 +12,7 @@ OPTIMIZERS: dict[str, type[LowRankOptimizer]] = {
     "galore_adafactor": GaLoreAdafactor,
     "fira_adamw": FiraAdamW,
     "frugal_adamw": FrugalAdamW,
+    "dct_adamw": DCTAdamW,
 }
 
-__all__ = ["OPTIMIZERS", "FiraAdamW", "FrugalAdamW", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankOptimizer", "Update"]
+__all__ = ["OPTIMIZERS", "DCTAdamW", "FiraAdamW", "FrugalAdamW", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankOptimizer", "Update"]

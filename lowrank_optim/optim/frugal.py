@@ -39,7 +39,7 @@ error).  That needs an orthogonal projection, so ``random`` with
 
 ``on_refresh``: ``reset`` (default); ``project`` re-expresses the moments in the new
 subspace; ``keep`` carries them unchanged for a basis (the reference's
-``reset_statistics=False``), while for the index-based projectors it keeps the moments of
+``reset_statistics=False``), while for the index-based projectors (``dct`` included) it keeps the moments of
 the coordinates (or active matrices) that stay selected, new ones starting at zero
 (carrying them by position would attach them to other coordinates): there keep is the
 same as project.  New coordinates continue the running bias correction, so their first

@@ -1,5 +1,5 @@
 """Projectors by name: ``svd`` (exact), ``rsvd`` (randomized), ``random`` (seeded),
-``columns``/``rows``/``entries``/``blocks`` (coordinate subsets)."""
+``dct`` (DCT-II columns), ``columns``/``rows``/``entries``/``blocks`` (coordinate subsets)."""
 from .base import (
     PROJ_TYPES,
     REGISTRY,
@@ -12,6 +12,7 @@ from .base import (
     register_projector,
 )
 from .coords import BlockProjector, ColumnProjector, CoordinateProjector, EntryProjector, RowProjector
+from .dct import DCTProjector
 from .random import RandomProjector
 from .rsvd import RandomizedSVDProjector, randomized_svd
 from .svd import SVDProjector
@@ -20,6 +21,7 @@ __all__ = [
     "BlockProjector",
     "ColumnProjector",
     "CoordinateProjector",
+    "DCTProjector",
     "EntryProjector",
     "RowProjector",
     "PROJ_TYPES",

@@ -151,12 +151,13 @@ class Projector:
             raise RefreshFailed("the factorisation returned non-finite values")
         # Stored in the gradient's dtype, as the reference does: the subspace is computed
         # in fp32 but a bf16 model keeps a bf16 basis (half the memory).
-        pstate.update({k: compact(t.to(grad.dtype)) for k, t in new.items()})
+        pstate.update({k: compact(t.to(grad.dtype)) if t.is_floating_point() else t for k, t in new.items()})
         pstate["age"] = 0
         pstate["refreshes"] += 1
 
     def compute_bases(self, matrix: torch.Tensor, pstate: dict) -> dict[str, torch.Tensor]:
-        """New bases for fp32 ``matrix``: ``{"left": P}``, ``{"right": Q}`` or both, per side.
+        """New bases for fp32 ``matrix``: ``{"left": P}``, ``{"right": Q}`` or both, per side
+        (or what stands for them, e.g. integer indices, which are stored as they are).
 
         Projectors that store dense bases implement this; those that store something else
         (a seed, indices) override :meth:`update` and :meth:`bases` instead.
