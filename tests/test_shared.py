@@ -121,3 +121,17 @@ def test_none_gradients_are_skipped(name):
     opt.step()
     assert mats[1] not in opt.state and bias not in opt.state
     assert opt.state[mats[0]]["step"] == 1
+
+
+def test_state_holds_no_hidden_memory(optimizer_case):
+    """Every state tensor owns storage of exactly its own size: no basis kept as a view of a
+    full SVD factor (galore_torch and fira keep the whole n x n factor alive that way)."""
+    _, build = optimizer_case
+    mats, bias = make_params()
+    opt = build(mats, bias)
+    run(opt, [*mats, bias], 4)
+    for p, state in opt.state.items():
+        tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
+        tensors += [v for v in state.get("projector", {}).values() if isinstance(v, torch.Tensor)]
+        for t in tensors:
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (tuple(p.shape), tuple(t.shape))

@@ -322,15 +322,19 @@ def is_projected(group: Mapping[str, Any]) -> bool:
 
 
 def compact(basis: torch.Tensor) -> torch.Tensor:
-    """A copy holding only the basis, not the whole factor it was sliced from.
+    """The basis in storage of its own size, not a view that keeps a whole factor alive.
 
+    A slice of an SVD factor can even be a dense view (the first r columns of a
+    column-major U) whose storage is still all of U, so the test is the storage size.
     LAPACK returns column-major factors; keeping that layout (instead of making the copy
     row-major) makes the projections round exactly as ``galore_torch``'s, which keeps a
     view of the full factor (and so all of its memory).
     """
+    if basis.untyped_storage().nbytes() == basis.numel() * basis.element_size():
+        return basis
     if basis.dim() == 2 and basis.stride(0) == 1 and basis.shape[1] > 1:
-        return basis.t().contiguous().t()
-    return basis.contiguous()
+        return basis.t().clone(memory_format=torch.contiguous_format).t()
+    return basis.clone(memory_format=torch.contiguous_format)
 
 
 def orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
