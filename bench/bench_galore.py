@@ -51,6 +51,7 @@ from lowrank_optim.projectors import REGISTRY
 
 with warnings.catch_warnings():  # galore_torch imports transformers, which may warn on import
     warnings.simplefilter("ignore")
+    import fira
     import galore_torch
     from galore_torch.galore_projector import GaLoreProjector
 
@@ -213,6 +214,7 @@ class StepContender:
     make: Callable[[list[torch.nn.Parameter], int], torch.optim.Optimizer]  # (params, T) -> optimizer
     low_rank: bool = True  # False: dense AdamW, which has no refresh step
     samples: dict[str, list[float]] = field(default_factory=dict)
+    state_bytes: int = 0  # after the steady-state steps
 
 
 def step_contenders(rank: int, lr: float) -> list[StepContender]:
@@ -222,16 +224,27 @@ def step_contenders(rank: int, lr: float) -> list[StepContender]:
     pass over each weight); each keeps its own default epsilon, which does not affect time.
     """
 
-    def ours(projector: str, **extra):
+    def ours(projector: str, cls=lowrank_optim.GaLoreAdamW, **extra):
         def make(params, gap):
             group = {"params": params, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}
-            return lowrank_optim.GaLoreAdamW([group], lr=lr, weight_decay=0.0, projector=projector, **extra)
+            return cls([group], lr=lr, weight_decay=0.0, projector=projector, **extra)
 
         return make
 
     def peer(params, gap):
         group = {"params": params, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}
         return galore_torch.GaLoreAdamW([group], lr=lr, weight_decay=0.0, no_deprecation_warning=True)
+
+    def fira_peer(params, gap):
+        group = {"params": params, "rank": rank, "update_proj_gap": gap, "alpha": 0.25, "proj_type": "std"}
+        return fira.FiraAdamW([group], lr=lr, weight_decay=0.0)
+
+    def frugal(projector: str, **group_kw):
+        def make(params, gap):
+            group = {"params": params, "update_proj_gap": gap, "projector": projector, **group_kw}
+            return lowrank_optim.FrugalAdamW([group], lr=lr, weight_decay=0.0)
+
+        return make
 
     def dense(**kw):
         return lambda params, gap: torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **kw)
@@ -243,10 +256,46 @@ def step_contenders(rank: int, lr: float) -> list[StepContender]:
         # galore_torch's arithmetic (eps on the raw sqrt(v)) saves one division per element
         # of R; this row separates that from the rest of the step.
         StepContender("ours svd eps_style=hf", ours("svd", eps_style="hf", eps=1e-6)),
+        StepContender("fira (package)", fira_peer),
+        StepContender("ours FiraAdamW svd", ours("svd", cls=lowrank_optim.FiraAdamW)),
+        StepContender("ours FiraAdamW dct", ours("dct", cls=lowrank_optim.FiraAdamW)),
+        StepContender("ours DCTAdamW", ours("dct", cls=lowrank_optim.DCTAdamW)),
+        # FRUGAL at the paper's density 0.25: a basis of 1/4 of the short side, or 1/4 of
+        # the columns, or 1/4 of the matrices (blocks).
+        StepContender("ours FrugalAdamW svd", frugal("svd", density=0.25)),
+        StepContender("ours FrugalAdamW columns", frugal("columns", density=0.25)),
+        StepContender("ours FrugalAdamW blocks", frugal("blocks", density=0.25)),
         StepContender("torch AdamW foreach=False", dense(foreach=False), low_rank=False),
         # On CPU the default resolves to the for-loop implementation too; on CUDA to foreach.
         StepContender("torch AdamW default", dense(), low_rank=False),
     ]
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Memory the optimizer state holds: every tensor reachable from ``optimizer.state``,
+    including inside objects (galore_torch and fira keep a projector object there), counted
+    by the storage it keeps alive and each storage once.  A basis sliced from a full SVD
+    factor keeps the whole factor: this counts what the allocator holds, not the slice."""
+    seen, total = set(), 0
+
+    def walk(value):
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+        elif hasattr(value, "__dict__"):
+            walk(vars(value))
+
+    walk(dict(optimizer.state))
+    return total
 
 
 def fresh_params(shapes, grads, device) -> list[torch.nn.Parameter]:
@@ -285,10 +334,12 @@ def bench_steps(model: str, layers: int, repeats: int, steady_steps: int, device
 
         return run
 
-    steady = {c.label: stepper(c.make(fresh_params(shapes, grads, device), UPDATE_PROJ_GAP), steady_steps) for c in contenders}
+    optimizers = {c.label: c.make(fresh_params(shapes, grads, device), UPDATE_PROJ_GAP) for c in contenders}
+    steady = {label: stepper(opt, steady_steps) for label, opt in optimizers.items()}
     samples = interleaved_samples(steady, repeats, warmup=1, sync=sync)
     for c in contenders:
         c.samples["steady"] = [s / steady_steps for s in samples[c.label]]
+        c.state_bytes = state_bytes(optimizers[c.label])
 
     refreshing = {c.label: stepper(c.make(fresh_params(shapes, grads, device), 1), 1) for c in contenders if c.low_rank}
     samples = interleaved_samples(refreshing, repeats, warmup=1, sync=sync)
@@ -308,11 +359,12 @@ def amortized(c: StepContender, gap: int = UPDATE_PROJ_GAP) -> float:
 
 def step_table(contenders: list[StepContender]) -> str:
     peer = next(c for c in contenders if c.label == PEER)
+    adamw = next(c for c in contenders if not c.low_rank)
     peer_steady, peer_refresh, peer_amortized = median(peer.samples["steady"]), median(peer.samples["refresh"]), amortized(peer)
     lines = [
         f"| optimizer | steady (ms) | steady / {PEER} | refresh (ms) | refresh / {PEER} "
-        f"| amortized T={UPDATE_PROJ_GAP} (ms) | amortized / {PEER} |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| amortized T={UPDATE_PROJ_GAP} (ms) | amortized / {PEER} | state (MiB) | state / {PEER} | state / AdamW |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in contenders:
         steady = median(c.samples["steady"])
@@ -323,7 +375,8 @@ def step_table(contenders: list[StepContender]) -> str:
             refresh_cells = "n/a | n/a"
         lines.append(
             f"| {c.label} | {steady * 1e3:.2f} | {steady / peer_steady:.2f} | {refresh_cells} "
-            f"| {amortized(c) * 1e3:.2f} | {amortized(c) / peer_amortized:.2f} |"
+            f"| {amortized(c) * 1e3:.2f} | {amortized(c) / peer_amortized:.2f} "
+            f"| {c.state_bytes / 2**20:.2f} | {c.state_bytes / peer.state_bytes:.2f} | {c.state_bytes / adamw.state_bytes:.2f} |"
         )
     return "\n".join(lines)
 
@@ -464,6 +517,7 @@ def main(argv=None) -> None:
             "update_proj_gap": UPDATE_PROJ_GAP,
             "samples_s": {c.label: c.samples for c in contenders},
             "amortized_s": {c.label: amortized(c) for c in contenders},
+            "state_bytes": {c.label: c.state_bytes for c in contenders},
         },
     }
     (out / "bench_galore.json").write_text(json.dumps(raw, indent=1))
