@@ -33,21 +33,21 @@ Nothing is asserted; tables go to stdout and ``DIR/bench_dct.md``, raw samples t
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from bench_galore import (  # bench/ is on sys.path when this file runs as a script
     UPDATE_PROJ_GAP,
+    announce_machine,
     gradient_like,
     interleaved_samples,
     load_average,
     machine_info,
     median,
     synchronizer,
+    write_results,
 )
 from lowrank_optim.projectors import REGISTRY
 from lowrank_optim.projectors import dct as dct_module
@@ -209,12 +209,7 @@ def main(argv=None) -> None:
     repeats = args.repeats
     device = torch.device(args.device)
     sync = synchronizer(device)
-    info = machine_info(device)
-    load_before = load_average()
-    print("## Machine\n")
-    for key, value in info.items():
-        print(f"- {key}: {value}")
-    print(f"- load average at start: {load_before}\n")
+    info, load_before = announce_machine(device)
 
     started = time.perf_counter()
     rows = [bench_case(*case, repeats, device, sync) for case in (QUICK_CASES if args.quick else REFRESH_CASES)]
@@ -226,9 +221,6 @@ def main(argv=None) -> None:
     )
     print("\n" + report)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_dct.md").write_text(report + "\n")
     raw = {
         "machine": info,
         "args": vars(args),
@@ -237,8 +229,7 @@ def main(argv=None) -> None:
         "elapsed_s": elapsed,
         "cases": rows,
     }
-    (out / "bench_dct.json").write_text(json.dumps(raw, indent=1))
-    print(f"\nWrote {out / 'bench_dct.md'} and {out / 'bench_dct.json'}")
+    write_results(args.out, "bench_dct", report, raw)
 
 
 if __name__ == "__main__":

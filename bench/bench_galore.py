@@ -444,6 +444,25 @@ def load_average() -> list[float] | None:
 
 
 # ---------------------------------------------------------------------------- main
+def announce_machine(device: torch.device) -> tuple[dict, list[float] | None]:
+    """Print the machine description and load average before a run, and return both."""
+    info, load_before = machine_info(device), load_average()
+    print("## Machine\n")
+    for key, value in info.items():
+        print(f"- {key}: {value}")
+    print(f"- load average at start: {load_before}\n")
+    return info, load_before
+
+
+def write_results(out_dir: str, name: str, report: str, raw: dict) -> None:
+    """``DIR/name.md`` (the tables) and ``DIR/name.json`` (every raw sample)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(report + "\n")
+    (out / f"{name}.json").write_text(json.dumps(raw, indent=1))
+    print(f"\nWrote {out / name}.md and {out / name}.json")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes only: a smoke run in seconds")
@@ -468,12 +487,7 @@ def main(argv=None) -> None:
     sync = synchronizer(device)
     torch.manual_seed(0)  # initial weights (the gradients are seeded separately)
 
-    info = machine_info(device)
-    load_before = load_average()
-    print("## Machine\n")
-    for key, value in info.items():
-        print(f"- {key}: {value}")
-    print(f"- load average at start: {load_before}\n")
+    info, load_before = announce_machine(device)
 
     started = time.perf_counter()
     print("Measuring subspace refresh ...")
@@ -500,9 +514,6 @@ def main(argv=None) -> None:
     )
     print("\n" + report)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_galore.md").write_text(report + "\n")
     raw = {
         "machine": info,
         "args": vars(args),
@@ -520,8 +531,7 @@ def main(argv=None) -> None:
             "state_bytes": {c.label: c.state_bytes for c in contenders},
         },
     }
-    (out / "bench_galore.json").write_text(json.dumps(raw, indent=1))
-    print(f"\nWrote {out / 'bench_galore.md'} and {out / 'bench_galore.json'}")
+    write_results(args.out, "bench_galore", report, raw)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Shared fixtures and the table of optimizer configurations the shared tests run over."""
 from __future__ import annotations
 
-import functools
 import os
 
 import pytest
@@ -22,6 +21,18 @@ def make_params(dtype=torch.float32, seed=0):
     mats = [torch.nn.Parameter(torch.randn(*s, generator=gen, dtype=torch.float32).to(dtype)) for s in SHAPES]
     bias = torch.nn.Parameter(torch.randn(7, generator=gen).to(dtype))
     return mats, bias
+
+
+#: Shapes for comparisons against reference packages: odd, non-square, and one square
+#: matrix (where the references' side rules are fragile).
+REFERENCE_SHAPES = [(37, 20), (12, 29), (16, 16)]
+
+
+def twin_params(seed=0):
+    """Two identical sets (ours, the reference's) of three matrices and a bias."""
+    gen = torch.Generator().manual_seed(seed)
+    values = [torch.randn(*s, generator=gen) for s in REFERENCE_SHAPES] + [torch.randn(5, generator=gen)]
+    return [torch.nn.Parameter(v.clone()) for v in values], [torch.nn.Parameter(v.clone()) for v in values]
 
 
 def groups(mats, bias, **low_rank):
@@ -115,12 +126,3 @@ def assert_same_state(a, b):
             assert torch.equal(va, vb), key
         else:
             assert va == vb, key
-
-
-@functools.cache
-def has_galore_torch():
-    try:
-        import galore_torch  # noqa: F401
-    except ImportError:
-        return False
-    return True

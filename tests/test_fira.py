@@ -10,14 +10,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank_optim.optim.fira import FiraAdamW
+from conftest import REFERENCE_SHAPES, twin_params
 
-SHAPES = [(37, 20), (12, 29), (16, 16)]
-
-
-def twin_params(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    values = [torch.randn(*s, generator=gen) for s in SHAPES] + [torch.randn(5, generator=gen)]
-    return [torch.nn.Parameter(v.clone()) for v in values], [torch.nn.Parameter(v.clone()) for v in values]
+SHAPES = REFERENCE_SHAPES
 
 
 def grads_for(step, shapes):

@@ -68,7 +68,15 @@ LOOP_CHECKS: dict[str, V.Check] = {
     "max_grad_norm": V.pos_float(optional=True),
 }
 
-#: Adam's own hyperparameters (shared by the Adam-based classes).
+#: Adam's own hyperparameters and their defaults (``torch.optim.AdamW``'s), shared by the
+#: Adam-based classes.
+ADAM_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "weight_decay": 1e-2,
+    "eps_style": "torch",
+}
 ADAM_CHECKS: dict[str, V.Check] = {
     "betas": V.betas(),
     "eps": V.nonneg_float(),

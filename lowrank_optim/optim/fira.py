@@ -56,7 +56,7 @@ import torch
 
 from .. import _validate as V
 from ..projectors import is_projected
-from .base import ADAM_CHECKS, LowRankOptimizer, ParamStep
+from .base import ADAM_CHECKS, ADAM_DEFAULTS, LowRankOptimizer, ParamStep
 
 
 class FiraAdamW(LowRankOptimizer):
@@ -72,11 +72,7 @@ class FiraAdamW(LowRankOptimizer):
     """
 
     method_defaults = {
-        "lr": 1e-3,
-        "betas": (0.9, 0.999),
-        "eps": 1e-8,
-        "weight_decay": 1e-2,
-        "eps_style": "torch",
+        **ADAM_DEFAULTS,
         "scaling": "column",
         "norm_growth_limit": 1.01,
         "reference_compat": False,

@@ -52,7 +52,7 @@ its group when it next steps.
 from __future__ import annotations
 
 from .. import _validate as V
-from .base import ADAM_CHECKS, LowRankOptimizer, ParamStep
+from .base import ADAM_CHECKS, ADAM_DEFAULTS, LowRankOptimizer, ParamStep
 
 
 class FrugalAdamW(LowRankOptimizer):
@@ -65,11 +65,7 @@ class FrugalAdamW(LowRankOptimizer):
     """
 
     method_defaults = {
-        "lr": 1e-3,
-        "betas": (0.9, 0.999),
-        "eps": 1e-8,
-        "weight_decay": 1e-2,
-        "eps_style": "torch",
+        **ADAM_DEFAULTS,
         "scale": 1.0,
         "on_refresh": "reset",
         "state_free": "signsgd",

@@ -35,7 +35,7 @@ import torch
 
 from .. import _validate as V
 from ..projectors.base import Transition
-from .base import ADAM_CHECKS, LowRankOptimizer, Update
+from .base import ADAM_CHECKS, ADAM_DEFAULTS, LowRankOptimizer, Update
 
 
 class GaLoreAdamW(LowRankOptimizer):
@@ -60,13 +60,7 @@ class GaLoreAdamW(LowRankOptimizer):
             :class:`~lowrank_optim.optim.base.LowRankOptimizer`.
     """
 
-    method_defaults = {
-        "lr": 1e-3,
-        "betas": (0.9, 0.999),
-        "eps": 1e-8,
-        "weight_decay": 1e-2,
-        "eps_style": "torch",
-    }
+    method_defaults = ADAM_DEFAULTS
 
 
 def _bitsandbytes():
@@ -119,13 +113,8 @@ class GaLoreAdamW8bit(LowRankOptimizer):
     }
     moment_keys = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
 
-    method_defaults = {
-        "lr": 1e-3,
-        "betas": (0.9, 0.999),
-        "eps": 1e-8,
-        "weight_decay": 1e-2,
-        "min_8bit_size": 4096,
-    }
+    # No eps_style: bitsandbytes places eps as torch does, with no choice.
+    method_defaults = {**{k: v for k, v in ADAM_DEFAULTS.items() if k != "eps_style"}, "min_8bit_size": 4096}
 
     def __init__(self, params: Iterable, **hyperparameters):
         _bitsandbytes()  # fail at construction, not at the first step
