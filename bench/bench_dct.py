@@ -44,7 +44,6 @@ from bench_galore import (  # bench/ is on sys.path when this file runs as a scr
     gradient_like,
     interleaved_samples,
     load_average,
-    machine_info,
     median,
     synchronizer,
     write_results,
