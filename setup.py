@@ -48,6 +48,7 @@ setup(
             "pytest>=8",
             "bitsandbytes==0.50.2",
             "galore-torch==1.0",
+            "fira==1.0.2",
             "transformers>=4.46",
             "accelerate>=1.0",
             "tqdm",

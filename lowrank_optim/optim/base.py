@@ -2,15 +2,19 @@ r"""``LowRankOptimizer``: the one template step every method in this package sha
 
 For a parameter W with gradient G in a group with ``rank`` (a *projected* group)::
 
+    G   <- prepare_gradient(gradient(W))                 hooks (e.g. GradNormLoRP's chain rule)
     if projector.should_update():  basis <- projector.update(G)          (fp32, every T steps)
                                     moments <- keep | reset | project     (``on_refresh``)
+                                    after_refresh()                       hook (other state)
     R   <- projector.project(G)                          low-rank gradient
     R   <- transform_low_rank_grad(R)                    hook (e.g. Natural GaLore)
     N, step_size <- moment_update(R)                     hook: Adam, 8-bit Adam, Adafactor
     D   <- scale * projector.project_back(N)
     D   <- full_rank_direction(D, G, R, N)               hook (e.g. Fira's residual)
-    W   <- W (1 - lr wd);  W <- W - step_size D           decoupled decay, then the update
-    W   <- W - state_free_update(G, R)                   hook (e.g. FRUGAL's signSGD part)
+    W'  <- open_weight(W)                                hook (e.g. dequantize INT8 weights)
+    W'  <- W' (1 - lr wd);  W' <- W' - step_size D        decoupled decay, then the update
+    W'  <- W' - state_free_update(G, R)                  hook (e.g. FRUGAL's signSGD part)
+    close_weight(W, W')                                  hook (e.g. requantize)
 
 A group without ``rank`` skips the projection and runs the same moment rule on G, which for
 Adam is ``torch.optim.AdamW`` to the bit.  Learning rate, bias correction and weight decay
@@ -225,7 +229,7 @@ class LowRankOptimizer(Optimizer):
             for group in self.param_groups:
                 projector = make_projector(group)
                 for p in group["params"]:
-                    if p.grad is not None:
+                    if self.gradient(p) is not None:
                         self._step_param(p, group, projector)
         for group in self.param_groups:
             # The group's clock: a schedule all its matrices share (FRUGAL's block rounds),
@@ -234,14 +238,15 @@ class LowRankOptimizer(Optimizer):
         return loss
 
     def _step_param(self, p: torch.Tensor, group: dict, projector: Projector | None) -> None:
-        if p.grad.is_sparse:
+        grad = self.gradient(p)
+        if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-        grad = p.grad
         state = self.state[p]
         if "step" not in state:
             state["step"] = 0
             if projector is not None:
                 state["projector"] = projector.init_state(p.shape, self._param_seed(p, group), self._group_slot(p, group))
+        grad = self.prepare_gradient(p, grad, state, group)
         if projector is not None:
             pstate = state["projector"]
             if projector.should_update(pstate) and not self._refresh(p, grad, group, state, projector):
@@ -255,10 +260,16 @@ class LowRankOptimizer(Optimizer):
             self.init_moments(low, state, group)
         state["step"] += 1
         update = self.moment_update(p, low, state, group)
-        self._apply_update(p, grad, low, update, state, group, projector)
+        weight = self.open_weight(p, state, group)
+        self._apply_update(weight, grad, low, update, state, group, projector)
+        self.close_weight(p, weight, state, group)
 
     def _apply_update(self, p, grad, low, update: Update, state, group, projector) -> None:
-        """Decoupled weight decay and the parameter update, in one place for every method."""
+        """Decoupled weight decay and the parameter update, in one place for every method.
+
+        ``p`` is the tensor :meth:`open_weight` handed out: the parameter itself unless a
+        method stores its weights in another form (INT8 codes, a weight-normalised pair).
+        """
         decay_lr = group["lr"] if update.decay_lr is None else update.decay_lr
         decay = group["weight_decay"] != 0
         if decay and not group["decay_after_update"]:
@@ -300,6 +311,7 @@ class LowRankOptimizer(Optimizer):
                 for key in self.moment_keys:
                     state.pop(key, None)
                 state["step"] = 0  # restart bias correction with the moments
+                self.after_refresh(state, group, projector, old, grad)
                 return True
             if group["on_refresh"] == "project":
                 transition = projector.transition(old, pstate, grad)
@@ -307,9 +319,34 @@ class LowRankOptimizer(Optimizer):
                 transition = projector.keep_transition(old, pstate, grad)
             if transition is not None:
                 self.remap_moments(state, transition)
+        if had_basis:
+            self.after_refresh(state, group, projector, old, grad)
         return True
 
     # ------------------------------------------------------------------ hooks
+    def gradient(self, p: torch.Tensor) -> torch.Tensor | None:
+        """Hook: where the gradient of ``p`` is (``p.grad``; an INT8-weight Linear keeps a
+        float gradient beside its integer weight)."""
+        return p.grad
+
+    def prepare_gradient(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        """Hook: map the full gradient before projection (e.g. to a reparametrisation's)."""
+        return grad
+
+    def open_weight(self, p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        """Hook: the float tensor the update is applied to (default: ``p`` itself)."""
+        return p
+
+    def close_weight(self, p: torch.Tensor, weight: torch.Tensor, state: dict, group: dict) -> None:
+        """Hook: write an updated ``open_weight`` tensor back into ``p`` (default: nothing
+        to do, the update was in place)."""
+
+    def after_refresh(self, state: dict, group: dict, projector: Projector, old: dict, like: torch.Tensor) -> None:
+        """Hook: the basis of a parameter has just changed from ``old`` (its previous
+        projector state) to ``state["projector"]``; the moments were already handled per
+        ``on_refresh``.  For state a method keeps besides its moments (e.g. a history of
+        projected gradients)."""
+
     def transform_low_rank_grad(self, low: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
         """Hook: precondition the (low-rank) gradient before the moment rule."""
         return low
