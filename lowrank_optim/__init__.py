@@ -1,6 +1,16 @@
 """lowrank_optim: memory-efficient low-rank optimizers (the GaLore family) for PyTorch."""
 from .factory import available_optimizers, create_optimizer, param_groups
-from .optim import DCTAdamW, FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, LowRankOptimizer
+from .optim import (
+    DCTAdamW,
+    FiraAdamW,
+    FrugalAdamW,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    GradNormLoRPAdamW,
+    GradNormLoRPAdamW8bit,
+    LowRankOptimizer,
+)
 from .projectors import Projector, register_projector
 
 __version__ = "0.1.0"
@@ -12,6 +22,8 @@ __all__ = [
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
+    "GradNormLoRPAdamW",
+    "GradNormLoRPAdamW8bit",
     "LowRankOptimizer",
     "Projector",
     "available_optimizers",

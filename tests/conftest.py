@@ -88,6 +88,10 @@ OPTIMIZER_CASES = {
     ),
     "fira_dct": lambda m, b: lo.FiraAdamW(groups(m, b, projector="dct"), lr=1e-2),
     "frugal_dct": lambda m, b: lo.FrugalAdamW(groups(m, b, projector="dct", rank=None, density=0.3), lr=1e-2),
+    "gradnorm_lorp": lambda m, b: lo.GradNormLoRPAdamW(groups(m, b), lr=1e-2, weight_decay=0.1),
+    "gradnorm_lorp_8bit_project": lambda m, b: lo.GradNormLoRPAdamW8bit(
+        groups(m, b, on_refresh="project"), lr=1e-2, min_8bit_size=16, weight_decay=0.1
+    ),
     "galore_adafactor_project": lambda m, b: lo.GaLoreAdafactor(
         groups(m, b, on_refresh="project", proj_type="full"), lr=1e-2, relative_step=False
     ),

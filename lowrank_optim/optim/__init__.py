@@ -4,6 +4,7 @@ from .dct import DCTAdamW
 from .fira import FiraAdamW
 from .frugal import FrugalAdamW
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .gradnorm_lorp import GradNormLoRPAdamW, GradNormLoRPAdamW8bit
 
 #: ``create_optimizer`` / Trainer names -> classes.
 OPTIMIZERS: dict[str, type[LowRankOptimizer]] = {
@@ -13,6 +14,8 @@ OPTIMIZERS: dict[str, type[LowRankOptimizer]] = {
     "fira_adamw": FiraAdamW,
     "frugal_adamw": FrugalAdamW,
     "dct_adamw": DCTAdamW,
+    "gradnorm_lorp_adamw": GradNormLoRPAdamW,
+    "gradnorm_lorp_adamw8bit": GradNormLoRPAdamW8bit,
 }
 
-__all__ = ["OPTIMIZERS", "DCTAdamW", "FiraAdamW", "FrugalAdamW", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LowRankOptimizer", "Update"]
+__all__ = ["OPTIMIZERS", "DCTAdamW", "FiraAdamW", "FrugalAdamW", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "GradNormLoRPAdamW", "GradNormLoRPAdamW8bit", "LowRankOptimizer", "Update"]

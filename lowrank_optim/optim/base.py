@@ -110,7 +110,7 @@ class ParamStep(NamedTuple):
     """What the projection hooks see of the projected parameter being stepped."""
 
     param: torch.Tensor
-    grad: torch.Tensor  # G, the full gradient
+    grad: torch.Tensor  # G, the full-size gradient (after prepare_gradient)
     low: torch.Tensor  # R, the projected (and transformed) gradient
     low_direction: torch.Tensor  # N, the moment rule's direction in the low-rank space
     state: dict

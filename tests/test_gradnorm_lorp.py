@@ -1,0 +1,418 @@
+"""GradNormLoRPAdamW / GradNormLoRPAdamW8bit: the weight-norm chain rule against autograd,
+the whole step against a small readable reference written from METHODS.md section 7, the
+state's size, the learned magnitude, the 8-bit class, training, resume and bad inputs."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import re
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lowrank_optim.optim.gradnorm_lorp import GradNormLoRPAdamW, GradNormLoRPAdamW8bit
+from lowrank_optim.projectors import make_projector
+from conftest import SHAPES, assert_same_state, fake_grads, groups, make_params
+
+#: The 8-bit class needs bitsandbytes (an optional dependency); the rest runs without it.
+needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+EIGHT_BIT = pytest.param(GradNormLoRPAdamW8bit, {"min_8bit_size": 16}, marks=needs_bnb, id="8bit")
+BOTH = [pytest.param(GradNormLoRPAdamW, {}, id="adamw"), EIGHT_BIT]
+
+
+def weight_normalized_loss(weight: torch.Tensor) -> torch.Tensor:
+    """A loss with a non-trivial gradient in every direction of W (no special structure)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(5, weight.shape[1], generator=gen)
+    target = torch.randn(5, weight.shape[0], generator=gen)
+    return ((torch.tanh(x @ weight.T) - target) ** 2).sum() + weight.pow(3).sum() / 10
+
+
+def autograd_reference(direction: torch.Tensor, magnitude: torch.Tensor):
+    """∂L/∂V, ∂L/∂g and G = ∂L/∂W by autograd through W = g ⊙ V/‖V‖ (V, g as leaves)."""
+    v = direction.detach().clone().requires_grad_()
+    g = magnitude.detach().clone().requires_grad_()
+    w = g * v / v.norm(dim=1, keepdim=True)
+    w.retain_grad()
+    weight_normalized_loss(w).backward()
+    return v.grad, g.grad, w.grad
+
+
+class Recording(GradNormLoRPAdamW):
+    """Records the gradients the hook hands to the projection and to the magnitude."""
+
+    def prepare_gradient(self, p, grad, state, group):
+        out = super().prepare_gradient(p, grad, state, group)
+        self.recorded = (out.clone(), self._magnitude_grads.get(id(p)))
+        return out
+
+
+# ---------------------------------------------------------------------------- chain rule
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("magnitude", ["row_norms", "learned"])
+def test_prepare_gradient_equals_autograd(shape, magnitude):
+    """The hook's ∂L/∂V (tangent term included) and ∂L/∂g equal autograd's, also when g is
+    not ‖V‖ (so the g/‖V‖ factor is exercised) and V is not W."""
+    v = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    g = v.norm(dim=1, keepdim=True)
+    if magnitude == "learned":
+        g = g * torch.linspace(0.5, 2.0, shape[0]).unsqueeze(1)
+    grad_v, grad_g, grad_w = autograd_reference(v, g)
+    p = torch.nn.Parameter(v.clone())
+    opt = GradNormLoRPAdamW([{"params": [p], "rank": 2}])
+    state = {"magnitude": g.clone(), "magnitude_step": 0}
+    out = opt.prepare_gradient(p, grad_w, state, opt.param_groups[0])
+    torch.testing.assert_close(out, grad_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(opt._magnitude_grads[id(p)], grad_g, rtol=1e-5, atol=1e-5)
+    # The tangent term matters: G alone (what the reference projects) is far from ∂L/∂V.
+    assert not torch.allclose(grad_w * g / v.norm(dim=1, keepdim=True), grad_v, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_full_rank_step_sees_autograd_gradients(shape):
+    """Through step(), at rank = min(m, n) (the std basis is a rotation, so project_back ∘
+    project is the identity): the gradient projected is autograd's ∂L/∂V and the magnitude's
+    is autograd's ∂L/∂g, with V = W and g initialised to W's row norms."""
+    w0 = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    grad_v, grad_g, grad_w = autograd_reference(w0, w0.norm(dim=1, keepdim=True))
+    p = torch.nn.Parameter(w0.clone())
+    opt = Recording([{"params": [p], "rank": min(shape)}], lr=1e-2)
+    p.grad = grad_w
+    opt.step()
+    direction_grad, magnitude_grad = opt.recorded
+    torch.testing.assert_close(direction_grad, grad_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(magnitude_grad, grad_g, rtol=1e-5, atol=1e-5)
+    projector, pstate = make_projector(opt.param_groups[0]), opt.state[p]["projector"]
+    round_trip = projector.project_back(projector.project(grad_v, pstate), pstate)
+    torch.testing.assert_close(round_trip, grad_v, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- the whole step
+def gradnorm_reference(weights, grad_steps, *, rank, gap, scale, lr, betas, eps, weight_decay, eps_style, decay_after):
+    """METHODS.md section 7, one matrix at a time: u = V/‖V‖, ∂L/∂g = Σ G⊙u,
+    ∂L/∂V = g/‖V‖ (G − (Σ G⊙u) u); GaLore std projection of ∂L/∂V (SVD every ``gap``
+    steps, moments kept), Adam on it, V ← V − step α back(N); Adam on ∂L/∂g with decoupled
+    decay of g; W = g V/‖V‖, and V is W from then on."""
+    beta1, beta2 = betas
+
+    def adam(m, v, x, k):
+        m = beta1 * m + (1 - beta1) * x
+        v = beta2 * v + (1 - beta2) * x * x
+        if eps_style == "torch":
+            return m, v, m / ((v / (1 - beta2**k)).sqrt() + eps), lr / (1 - beta1**k)
+        return m, v, m / (v.sqrt() + eps), lr * (1 - beta2**k) ** 0.5 / (1 - beta1**k)
+
+    out = []
+    for i, w in enumerate(weights):
+        w = w.detach().clone()
+        right = w.shape[0] >= w.shape[1]
+        g = w.norm(dim=1, keepdim=True)
+        m_v = v_v = m_g = v_g = 0.0
+        for t, grads in enumerate(grad_steps):
+            G = grads[i]
+            norms = w.norm(dim=1, keepdim=True)
+            u = w / norms
+            grad_g = (G * u).sum(dim=1, keepdim=True)
+            grad_v = g / norms * (G - grad_g * u)
+            if t % gap == 0:
+                left_vectors, _, right_vectors = torch.linalg.svd(grad_v, full_matrices=False)
+                basis = right_vectors[:rank] if right else left_vectors[:, :rank]
+            r = grad_v @ basis.T if right else basis.T @ grad_v
+            m_v, v_v, n_v, step_v = adam(m_v, v_v, r, t + 1)
+            v_new = w - step_v * scale * (n_v @ basis if right else basis @ n_v)
+            m_g, v_g, n_g, step_g = adam(m_g, v_g, grad_g, t + 1)
+            if decay_after:
+                g = (g - step_g * n_g) * (1 - lr * weight_decay)
+            else:
+                g = g * (1 - lr * weight_decay) - step_g * n_g
+            w = g * v_new / v_new.norm(dim=1, keepdim=True)
+        out.append(w)
+    return out
+
+
+@pytest.mark.parametrize("eps_style, decay_after", [("torch", False), ("hf", True), ("torch", True)])
+def test_matches_readable_reference(eps_style, decay_after):
+    """11 steps, refreshes at 0, 4, 8, a right- and a left-projected matrix, non-default
+    rank/gap/scale/betas/eps/decay; eps=1e-3 makes the eps placement matter."""
+    hyper = dict(rank=3, gap=4, scale=0.37, lr=5e-3, betas=(0.85, 0.97), eps=1e-3, weight_decay=0.1)
+    mats, _ = make_params(seed=4)
+    start = [m.detach().clone() for m in mats]
+    opt = GradNormLoRPAdamW(
+        [{"params": mats, "rank": hyper["rank"], "update_proj_gap": hyper["gap"], "scale": hyper["scale"]}],
+        lr=hyper["lr"], betas=hyper["betas"], eps=hyper["eps"], weight_decay=hyper["weight_decay"],
+        eps_style=eps_style, decay_after_update=decay_after,
+    )
+    grad_steps = []
+    for t in range(11):
+        fake_grads(mats, t)
+        grad_steps.append([m.grad.clone() for m in mats])
+        opt.step()
+    expected = gradnorm_reference(start, grad_steps, eps_style=eps_style, decay_after=decay_after, **hyper)
+    for p, q in zip(mats, expected):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- state and magnitude
+def run(opt, params, steps, start=0):
+    for t in range(start, start + steps):
+        fake_grads(params, t)
+        opt.step()
+
+
+@pytest.mark.parametrize("cls, kw", BOTH)
+def test_state_holds_no_full_size_tensor(cls, kw):
+    """Per projected matrix: the basis, two r-sized moments, g and its two moments (m x 1),
+    8-bit block scales; nothing m x n (the reference keeps a copy of V)."""
+    mats, bias = make_params()
+    opt = cls(groups(mats, bias), lr=1e-2, **kw)
+    run(opt, [*mats, bias], 4)
+    for p in mats:
+        m, n = p.shape
+        state = opt.state[p]
+        low = (m, 3) if m >= n else (3, n)
+        expected = {"exp_avg": low, "exp_avg_sq": low, "magnitude": (m, 1),
+                    "magnitude_exp_avg": (m, 1), "magnitude_exp_avg_sq": (m, 1)}
+        if cls is GradNormLoRPAdamW8bit:
+            expected.update(exp_avg_absmax=(1,), exp_avg_sq_absmax=(1,))
+            if m >= 16:
+                expected.update(magnitude_exp_avg_absmax=(1,), magnitude_exp_avg_sq_absmax=(1,))
+        shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        assert shapes == expected
+        basis = state["projector"].get("right", state["projector"].get("left"))
+        assert tuple(basis.shape) == ((3, n) if m >= n else (m, 3))
+        assert state["magnitude"].dtype == torch.float32
+        every = list(shapes.values())
+        every += [tuple(v.shape) for v in state["projector"].values() if isinstance(v, torch.Tensor)]
+        assert all(torch.Size(s).numel() < m * n for s in every)
+    assert set(opt.state[bias]) == {"step", "exp_avg", "exp_avg_sq"}  # dense: plain AdamW
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_of_w_have_norm_g_after_each_step(dtype):
+    mats, bias = make_params(dtype=dtype)
+    opt = GradNormLoRPAdamW(groups(mats, bias), lr=1e-2, weight_decay=0.1)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for t in range(5):
+        run(opt, [*mats, bias], 1, start=t)
+        for p in mats:
+            norms = torch.linalg.vector_norm(p.detach().float(), dim=1, keepdim=True)
+            torch.testing.assert_close(norms, opt.state[p]["magnitude"], rtol=tol, atol=tol)
+
+
+def test_magnitude_is_learned_and_kept():
+    """A loss on the row norms only: g must walk to the target norms over many steps (the
+    reference, which resets g to ‖V‖ every step, cannot learn it); W's rows follow g."""
+    w = torch.nn.Parameter(torch.randn(12, 7, generator=torch.Generator().manual_seed(3)))
+    start = w.detach().norm(dim=1)
+    target = torch.linspace(0.5, 4.0, 12)
+    opt = GradNormLoRPAdamW([{"params": [w], "rank": 2}], lr=0.05, weight_decay=0.0)
+    history = []
+    for _ in range(150):
+        opt.zero_grad()
+        ((w.norm(dim=1) - target) ** 2).sum().backward()
+        opt.step()
+        history.append(opt.state[w]["magnitude"].squeeze(1).clone())
+    assert (start - target).abs().max() > 1.0
+    torch.testing.assert_close(w.detach().norm(dim=1), target, atol=0.1, rtol=0)
+    torch.testing.assert_close(history[-1], target, atol=0.1, rtol=0)
+    assert opt.state[w]["magnitude_step"] == 150
+
+
+def test_weight_decay_shrinks_the_magnitude_not_the_direction():
+    """With a zero gradient, one step of decoupled decay is W ← W (1 − lr wd) exactly as
+    AdamW's: g shrinks, the direction does not move (Adam of a zero gradient is zero)."""
+    mats, bias = make_params()
+    start = [m.detach().clone() for m in mats]
+    opt = GradNormLoRPAdamW(groups(mats, bias), lr=0.1, weight_decay=0.5)
+    for p in mats:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, s in zip(mats, start):
+        torch.testing.assert_close(p.detach(), s * (1 - 0.1 * 0.5), rtol=1e-6, atol=1e-6)
+
+
+def test_a_zero_row_stays_zero_and_finite():
+    mats, bias = make_params()
+    with torch.no_grad():
+        mats[0][3].zero_()
+    opt = GradNormLoRPAdamW(groups(mats, bias), lr=1e-2)
+    run(opt, [*mats, bias], 4)
+    assert torch.isfinite(mats[0]).all() and torch.equal(mats[0][3], torch.zeros(SHAPES[0][1]))
+
+
+def test_dense_group_is_torch_adamw_bit_for_bit():
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(7))
+    twin = [torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())]
+    kw = dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.05)
+    ours = GradNormLoRPAdamW([a, b], **kw)
+    ref = torch.optim.AdamW(twin, foreach=False, **kw)
+    for t in range(6):
+        fake_grads([a, b], t)
+        fake_grads(twin, t)
+        ours.step()
+        ref.step()
+    for p, q in zip([a, b], twin):
+        assert torch.equal(p, q)
+    assert "magnitude" not in ours.state[a]
+
+
+# ---------------------------------------------------------------------------- 8-bit
+@needs_bnb
+def test_8bit_updates_weights_with_uint8_moments():
+    """The reference 8-bit class is a no-op; ours moves W, holds uint8 moments for the
+    projected gradient (and for g when m >= min_8bit_size) and stays close to fp32 moments."""
+    mats, bias = make_params()
+    twins, twin_bias = make_params()
+    start = [m.detach().clone() for m in mats]
+    opt8 = GradNormLoRPAdamW8bit(groups(mats, bias), lr=1e-2, min_8bit_size=16)
+    opt32 = GradNormLoRPAdamW(groups(twins, twin_bias), lr=1e-2)
+    run(opt8, [*mats, bias], 5)
+    run(opt32, [*twins, twin_bias], 5)
+    for p, s, q in zip(mats, start, twins):
+        assert not torch.allclose(p, s, atol=1e-3)
+        assert (p - q).norm() < 0.2 * (q - s).norm()  # 8-bit moments: close to fp32's step
+    state = opt8.state[mats[0]]  # 24 x 10: 72-element moments, 24-row magnitude
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.uint8
+    assert state["magnitude_exp_avg"].dtype == state["magnitude_exp_avg_sq"].dtype == torch.uint8
+    assert opt8.state[mats[1]]["magnitude_exp_avg"].dtype == torch.float32  # 9 rows < 16: fp32, as bnb
+    torch.testing.assert_close(mats[0].detach().norm(dim=1, keepdim=True), state["magnitude"], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- training
+@pytest.mark.parametrize("cls, kw", BOTH)
+def test_small_model_trains(cls, kw):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 4))
+    x = torch.randn(64, 16)
+    y = torch.sin(x[:, :4] * 2) + x[:, 4:8] * x[:, 8:12]
+    projected = [model[0].weight, model[2].weight]
+    dense = [p for p in model.parameters() if all(p is not q for q in projected)]
+    opt = cls([{"params": projected, "rank": 4, "update_proj_gap": 20}, {"params": dense}], lr=1e-2, **kw)
+    losses = []
+    for _ in range(150):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    for p in projected:
+        norms = p.detach().norm(dim=1, keepdim=True)
+        torch.testing.assert_close(norms, opt.state[p]["magnitude"], rtol=1e-5, atol=1e-5)
+
+
+def test_layerwise_mode_equals_a_regular_step():
+    mats, bias = make_params()
+    twins, twin_bias = make_params()
+    opt = GradNormLoRPAdamW(groups(mats, bias), lr=1e-2, weight_decay=0.1)
+    lw = GradNormLoRPAdamW(groups(twins, twin_bias), lr=1e-2, weight_decay=0.1, layerwise=True)
+    for _ in range(5):
+        for params, o in (([*mats, bias], opt), ([*twins, twin_bias], lw)):
+            loss = sum((m @ m.T).tanh().sum() for m in params[:2]) + params[2].pow(2).sum()
+            loss.backward()
+            o.step()
+            o.zero_grad()
+    for p, q in zip([*mats, bias], [*twins, twin_bias]):
+        assert torch.equal(p, q)
+
+
+# ---------------------------------------------------------------------------- resume
+CASES = {
+    "adamw": lambda m, b: GradNormLoRPAdamW(groups(m, b), lr=1e-2, weight_decay=0.1),
+    "adamw_hf_after_project": lambda m, b: GradNormLoRPAdamW(
+        groups(m, b, on_refresh="project"), lr=1e-2, eps_style="hf", decay_after_update=True, weight_decay=0.1
+    ),
+    "adamw_reset_full_rsvd": lambda m, b: GradNormLoRPAdamW(
+        groups(m, b, on_refresh="reset", proj_type="full", projector="rsvd"), lr=1e-2
+    ),
+    "8bit": lambda m, b: GradNormLoRPAdamW8bit(groups(m, b), lr=1e-2, min_8bit_size=16, weight_decay=0.1),
+    "8bit_project": lambda m, b: GradNormLoRPAdamW8bit(groups(m, b, on_refresh="project"), lr=1e-2, min_8bit_size=16),
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_bnb) if "8bit" in n else n for n in sorted(CASES)])
+def test_resume_through_weights_only_load_is_bit_identical(name):
+    build = CASES[name]
+    mats, bias = make_params()
+    params = [*mats, bias]
+    opt = build(mats, bias)
+    run(opt, params, 5)
+    buffer = io.BytesIO()
+    torch.save({"model": [p.detach().clone() for p in params], "optim": opt.state_dict()}, buffer)
+    run(opt, params, 6, start=5)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    mats2, bias2 = make_params()
+    params2 = [*mats2, bias2]
+    with torch.no_grad():
+        for p, v in zip(params2, saved["model"]):
+            p.copy_(v)
+    opt2 = build(mats2, bias2)
+    opt2.load_state_dict(saved["optim"])
+    run(opt2, params2, 6, start=5)
+    for p, q in zip(params, params2):
+        assert torch.equal(p, q)
+    assert_same_state(opt, opt2)
+
+
+# ---------------------------------------------------------------------------- validation
+def two_mats():
+    return [torch.nn.Parameter(torch.randn(8, 6)), torch.nn.Parameter(torch.randn(5, 12))]
+
+
+BAD_INPUTS = [
+    (GradNormLoRPAdamW, dict(rank=-3), "GradNormLoRPAdamW: invalid rank=-3"),
+    (GradNormLoRPAdamW, dict(proj_type="bogus"), "GradNormLoRPAdamW: invalid proj_type='bogus'"),
+    (GradNormLoRPAdamW, dict(betas=(0.9, 1.5)), "GradNormLoRPAdamW: invalid betas=(0.9, 1.5)"),
+    (GradNormLoRPAdamW, dict(eps_style="tf"), "GradNormLoRPAdamW: invalid eps_style='tf'"),
+    (GradNormLoRPAdamW, dict(weight_decay=-0.1), "GradNormLoRPAdamW: invalid weight_decay=-0.1"),
+    (GradNormLoRPAdamW8bit, dict(min_8bit_size=0), "GradNormLoRPAdamW8bit: invalid min_8bit_size=0"),
+    (GradNormLoRPAdamW8bit, dict(lr=-1.0), "GradNormLoRPAdamW8bit: invalid lr=-1.0"),
+    # bitsandbytes places eps as torch does, with no choice: the 8-bit class has no eps_style.
+    (GradNormLoRPAdamW8bit, dict(eps_style="hf"), "GradNormLoRPAdamW8bit got an unexpected keyword argument"),
+]
+
+
+@pytest.mark.parametrize(
+    "cls, kw, message",
+    [pytest.param(*case, marks=needs_bnb) if case[0] is GradNormLoRPAdamW8bit else case for case in BAD_INPUTS],
+    ids=[m.split(": invalid ")[-1].split(" got ")[-1] for _, _, m in BAD_INPUTS],
+)
+def test_bad_constructor_values_raise(cls, kw, message):
+    error = TypeError if "unexpected keyword" in message else ValueError  # as torch.optim does
+    with pytest.raises(error, match=re.escape(message)):
+        cls([{"params": two_mats(), "rank": 2}], **kw)
+
+
+@pytest.mark.parametrize("cls", [GradNormLoRPAdamW, pytest.param(GradNormLoRPAdamW8bit, marks=needs_bnb)])
+def test_bad_groups_raise(cls):
+    name = cls.__name__
+    with pytest.raises(ValueError, match=re.escape(f"{name}: invalid rank=0 in param group 1")):
+        cls([{"params": two_mats()[:1], "rank": 2}, {"params": two_mats()[1:], "rank": 0}])
+    one_d = f"{name}: parameter #0 (shape (7,)) in param group 0 cannot be projected"
+    with pytest.raises(ValueError, match=re.escape(one_d)):
+        cls([{"params": [torch.nn.Parameter(torch.randn(7))], "rank": 2}])
+    with pytest.raises(ValueError, match=re.escape("rank=9 is larger than the 8x6 matrix allows")):
+        cls([{"params": two_mats()[:1], "rank": 9}])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'magnitude_lr'"):
+        cls(two_mats(), magnitude_lr=1e-3)
+
+
+# ---------------------------------------------------------------------------- no host sync
+class NoHostSync(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            raise AssertionError(f"host sync in the step: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_steps_between_refreshes_do_no_host_sync():
+    mats, bias = make_params()
+    opt = GradNormLoRPAdamW(groups(mats, bias), lr=1e-2, weight_decay=0.1)
+    run(opt, [*mats, bias], 1)  # refresh step: one finiteness check per T steps is allowed
+    with NoHostSync():
+        run(opt, [*mats, bias], 2, start=1)
