@@ -10,6 +10,7 @@ from .optim import (
     GradNormLoRPAdamW,
     GradNormLoRPAdamW8bit,
     LowRankOptimizer,
+    NaturalGaLoreAdamW,
 )
 from .projectors import Projector, register_projector
 
@@ -25,6 +26,7 @@ __all__ = [
     "GradNormLoRPAdamW",
     "GradNormLoRPAdamW8bit",
     "LowRankOptimizer",
+    "NaturalGaLoreAdamW",
     "Projector",
     "available_optimizers",
     "create_optimizer",

@@ -92,6 +92,11 @@ OPTIMIZER_CASES = {
     "gradnorm_lorp_8bit_project": lambda m, b: lo.GradNormLoRPAdamW8bit(
         groups(m, b, on_refresh="project"), lr=1e-2, min_8bit_size=16, weight_decay=0.1
     ),
+    "natural_galore": lambda m, b: lo.NaturalGaLoreAdamW(groups(m, b), lr=1e-2, history=4, weight_decay=0.1),
+    "natural_galore_full_clear": lambda m, b: lo.NaturalGaLoreAdamW(
+        groups(m, b, proj_type="full", on_refresh="project"), lr=1e-2, history=2, damping=1e-2,
+        history_on_refresh="clear",
+    ),
     "galore_adafactor_project": lambda m, b: lo.GaLoreAdafactor(
         groups(m, b, on_refresh="project", proj_type="full"), lr=1e-2, relative_step=False
     ),

@@ -5,6 +5,7 @@ from .fira import FiraAdamW
 from .frugal import FrugalAdamW
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .gradnorm_lorp import GradNormLoRPAdamW, GradNormLoRPAdamW8bit
+from .natural_galore import NaturalGaLoreAdamW
 
 #: ``create_optimizer`` / Trainer names -> classes.
 OPTIMIZERS: dict[str, type[LowRankOptimizer]] = {
@@ -16,6 +17,7 @@ OPTIMIZERS: dict[str, type[LowRankOptimizer]] = {
     "dct_adamw": DCTAdamW,
     "gradnorm_lorp_adamw": GradNormLoRPAdamW,
     "gradnorm_lorp_adamw8bit": GradNormLoRPAdamW8bit,
+    "natural_galore_adamw": NaturalGaLoreAdamW,
 }
 
-__all__ = ["OPTIMIZERS", "DCTAdamW", "FiraAdamW", "FrugalAdamW", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "GradNormLoRPAdamW", "GradNormLoRPAdamW8bit", "LowRankOptimizer", "Update"]
+__all__ = ["OPTIMIZERS", "DCTAdamW", "FiraAdamW", "FrugalAdamW", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "GradNormLoRPAdamW", "GradNormLoRPAdamW8bit", "NaturalGaLoreAdamW", "LowRankOptimizer", "Update"]
