@@ -53,10 +53,13 @@ the paper describes one side: the default here is GaLore's one-sided ``proj_type
 and ``proj_type="full"`` gives the reference's two-sided projection (R = P^T G Q^T, r x r;
 not compared with the reference code itself, which is not among the installable oracles).
 
-Memory: the history costs s * numel(R) numbers per matrix in the gradient's dtype (s = 10:
-five times GaLore's two moments) on top of GaLore's state, plus a transient float64 copy of
-the history (2 s * numel(R) fp32-equivalents) during each matrix's step.  The paper uses
-s = 20; the default here is s = 10 (``history``) to halve that cost.
+Memory: the history costs s * numel(R) numbers per matrix in the gradient's dtype (s/2
+times GaLore's two moments) on top of GaLore's state, plus a transient float64 copy of the
+history (2 s * numel(R) fp32-equivalents) during each matrix's step.  With a one-sided
+projection at r = n/4 that is s/8 of AdamW's whole state: at the paper's s = 20 (or even
+s = 10) the optimizer holds *more* than AdamW (``bench/bench_memory.py``: 1.57x AdamW at
+s = 10 on LLaMA-60M shapes).  The default here is s = 4 (``history``); for long histories
+use ``proj_type="full"`` as the reference does, where the history is s * r^2 numbers.
 """
 from __future__ import annotations
 
@@ -96,13 +99,14 @@ class NaturalGaLoreAdamW(LowRankOptimizer):
 
     Args: those of :class:`~lowrank_optim.optim.galore.GaLoreAdamW`, and
         history: s, how many recent projected gradients (the current one included) form the
-            empirical Fisher; costs s * numel(R) per matrix.  The paper uses 20.
+            empirical Fisher; costs s * numel(R) per matrix.  The paper uses 20; default 4
+            (see the memory note in the module docstring).
         damping: λ > 0, the Tikhonov damping of the Fisher (the reference's hard-coded 1e-3).
         history_on_refresh: ``project`` (re-express the stored gradients in the new basis)
             or ``clear`` (start a new history) when the subspace changes.
     """
 
-    method_defaults = {**ADAM_DEFAULTS, "history": 10, "damping": 1e-3, "history_on_refresh": "project"}
+    method_defaults = {**ADAM_DEFAULTS, "history": 4, "damping": 1e-3, "history_on_refresh": "project"}
     method_checks = {
         **ADAM_CHECKS,
         "history": V.int_at_least(1),
