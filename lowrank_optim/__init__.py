@@ -11,7 +11,9 @@ from .optim import (
     GradNormLoRPAdamW8bit,
     LowRankOptimizer,
     NaturalGaLoreAdamW,
+    QGaLoreAdamW8bit,
 )
+from .quant import Int8Linear, convert_linear_to_int8
 from .projectors import Projector, register_projector
 
 __version__ = "0.1.0"
@@ -26,7 +28,10 @@ __all__ = [
     "GradNormLoRPAdamW",
     "GradNormLoRPAdamW8bit",
     "LowRankOptimizer",
+    "Int8Linear",
     "NaturalGaLoreAdamW",
+    "QGaLoreAdamW8bit",
+    "convert_linear_to_int8",
     "Projector",
     "available_optimizers",
     "create_optimizer",

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .optim import OPTIMIZERS, LowRankOptimizer
+from .quant import Int8Linear
 
 
 def param_groups(
@@ -21,14 +22,16 @@ def param_groups(
     targets = tuple(target_modules)
     if isinstance(target_modules, str) or not targets:
         raise ValueError(f"param_groups: target_modules={target_modules!r} must be a non-empty list of name fragments")
-    low_rank_ids = set()
+    low_rank_ids, int8_ids = set(), set()
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Linear) and any(t in module_name for t in targets):
             low_rank_ids.add(id(module.weight))
+        if isinstance(module, Int8Linear):  # integer codes cannot require grad, yet are trained
+            int8_ids.add(id(module.weight))
     low, dense = ([], []), ([], [])
     seen = set()
     for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:  # tied weights appear once
+        if (not p.requires_grad and id(p) not in int8_ids) or id(p) in seen:  # tied weights appear once
             continue
         seen.add(id(p))
         bucket = low if id(p) in low_rank_ids else dense

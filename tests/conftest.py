@@ -97,6 +97,11 @@ OPTIMIZER_CASES = {
         groups(m, b, proj_type="full", on_refresh="project"), lr=1e-2, history=2, damping=1e-2,
         history_on_refresh="clear",
     ),
+    "qgalore": lambda m, b: lo.QGaLoreAdamW8bit(groups(m, b), lr=1e-2, min_8bit_size=16, weight_decay=0.1),
+    "qgalore_rsvd_project_simulate": lambda m, b: lo.QGaLoreAdamW8bit(
+        groups(m, b, on_refresh="project", projector_args={"inner": "rsvd", "group_size": 16, "queue_size": 2}),
+        lr=1e-2, min_8bit_size=16, simulate=True, weight_group_size=32,
+    ),
     "galore_adafactor_project": lambda m, b: lo.GaLoreAdafactor(
         groups(m, b, on_refresh="project", proj_type="full"), lr=1e-2, relative_step=False
     ),

@@ -72,3 +72,17 @@ def test_create_optimizer_by_name_from_a_model():
     assert all(g["rank"] is None for g in dense.param_groups)
     assert {"fira_adamw", "galore_adafactor", "galore_adamw", "galore_adamw8bit"} <= set(lo.available_optimizers())
     assert lo.available_optimizers() == sorted(lo.optim.OPTIMIZERS)
+
+
+def test_param_groups_and_create_optimizer_take_int8_weights():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"attn": torch.nn.Linear(32, 16), "head": torch.nn.Linear(16, 2)})
+    lo.convert_linear_to_int8(model, target_modules=("attn",), group_size=32)
+    low, dense = lo.param_groups(model, ("attn",), rank=4)
+    assert low["param_names"] == ["attn.weight"] and model["attn"].weight.dtype == torch.uint8
+    opt = lo.create_optimizer("qgalore_adamw8bit", model, target_modules=("attn",), rank=4, lr=1e-2, min_8bit_size=16)
+    codes = model["attn"].weight.detach().clone()
+    x = torch.randn(8, 32)
+    model["head"](torch.relu(model["attn"](x))).square().mean().backward()
+    opt.step()
+    assert model["attn"].weight.dtype == torch.uint8 and not torch.equal(model["attn"].weight, codes)

@@ -6,6 +6,7 @@ from .frugal import FrugalAdamW
 from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .gradnorm_lorp import GradNormLoRPAdamW, GradNormLoRPAdamW8bit
 from .natural_galore import NaturalGaLoreAdamW
+from .qgalore import QGaLoreAdamW8bit
 
 #: ``create_optimizer`` / Trainer names -> classes.
 OPTIMIZERS: dict[str, type[LowRankOptimizer]] = {
@@ -18,6 +19,7 @@ OPTIMIZERS: dict[str, type[LowRankOptimizer]] = {
     "gradnorm_lorp_adamw": GradNormLoRPAdamW,
     "gradnorm_lorp_adamw8bit": GradNormLoRPAdamW8bit,
     "natural_galore_adamw": NaturalGaLoreAdamW,
+    "qgalore_adamw8bit": QGaLoreAdamW8bit,
 }
 
-__all__ = ["OPTIMIZERS", "DCTAdamW", "FiraAdamW", "FrugalAdamW", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "GradNormLoRPAdamW", "GradNormLoRPAdamW8bit", "NaturalGaLoreAdamW", "LowRankOptimizer", "Update"]
+__all__ = ["OPTIMIZERS", "DCTAdamW", "FiraAdamW", "FrugalAdamW", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "GradNormLoRPAdamW", "GradNormLoRPAdamW8bit", "NaturalGaLoreAdamW", "QGaLoreAdamW8bit", "LowRankOptimizer", "Update"]

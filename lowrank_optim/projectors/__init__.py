@@ -1,5 +1,6 @@
 """Projectors by name: ``svd`` (exact), ``rsvd`` (randomized), ``random`` (seeded),
-``dct`` (DCT-II columns), ``columns``/``rows``/``entries``/``blocks`` (coordinate subsets)."""
+``dct`` (DCT-II columns), ``columns``/``rows``/``entries``/``blocks`` (coordinate subsets), ``int4`` (a packed INT4
+basis around ``svd``/``rsvd``, Q-GaLore)."""
 from .base import (
     PROJ_TYPES,
     REGISTRY,
@@ -13,6 +14,7 @@ from .base import (
 )
 from .coords import BlockProjector, ColumnProjector, CoordinateProjector, EntryProjector, RowProjector
 from .dct import DCTProjector
+from .quantized import QuantizedProjector
 from .random import RandomProjector
 from .rsvd import RandomizedSVDProjector, randomized_svd
 from .svd import SVDProjector
@@ -27,6 +29,7 @@ __all__ = [
     "PROJ_TYPES",
     "REGISTRY",
     "Projector",
+    "QuantizedProjector",
     "RefreshFailed",
     "Transition",
     "is_projected",
