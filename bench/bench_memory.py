@@ -44,6 +44,9 @@ def peers(rank: int) -> dict[str, Callable[[list[torch.nn.Parameter]], torch.opt
         "NaturalGaLoreAdamW": lambda ps: lo.NaturalGaLoreAdamW(group(ps)),
         # The reference's configuration: two-sided (r x r) projection, the paper's s = 20.
         "NaturalGaLoreAdamW full s=20": lambda ps: lo.NaturalGaLoreAdamW(group(ps, proj_type="full"), history=20),
+        # INT4 basis + 8-bit moments; its INT8 weights are measured by bench/bench_qgalore.py
+        # (they need Int8Linear modules, not bare parameters).
+        "QGaLoreAdamW8bit": lambda ps: lo.QGaLoreAdamW8bit(group(ps)),
         "GradNormLoRPAdamW": lambda ps: lo.GradNormLoRPAdamW(group(ps)),
         "GradNormLoRPAdamW8bit": lambda ps: lo.GradNormLoRPAdamW8bit(group(ps)),
     }
