@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -140,3 +141,13 @@ def assert_same_state(a, b):
             assert torch.equal(va, vb), key
         else:
             assert va == vb, key
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on any device-to-host read of a tensor value: item(), float(), bool(), int(),
+    Python max/comparisons on tensors all go through these two ops."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            raise AssertionError(f"host sync in the step: {func}")
+        return func(*args, **(kwargs or {}))

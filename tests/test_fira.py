@@ -7,10 +7,9 @@ import re
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank_optim.optim.fira import FiraAdamW
-from conftest import REFERENCE_SHAPES, twin_params
+from conftest import NoHostSync, REFERENCE_SHAPES, twin_params
 
 SHAPES = REFERENCE_SHAPES
 
@@ -252,15 +251,6 @@ def test_bad_group_values_raise():
 
 
 # ---------------------------------------------------------------------------- no host sync
-class NoHostSync(TorchDispatchMode):
-    """Fails on any device-to-host read of a tensor value: item(), float(), bool(), int(),
-    Python max/comparisons on tensors all go through aten._local_scalar_dense."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
-            raise AssertionError(f"host sync in the step: {func}")
-        return func(*args, **(kwargs or {}))
-
 
 @pytest.mark.parametrize("mode", [dict(), dict(scaling="matrix"), dict(reference_compat=True, eps_style="hf")])
 def test_steps_between_refreshes_do_no_host_sync(mode, monkeypatch):

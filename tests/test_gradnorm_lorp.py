@@ -9,11 +9,10 @@ import re
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank_optim.optim.gradnorm_lorp import GradNormLoRPAdamW, GradNormLoRPAdamW8bit
 from lowrank_optim.projectors import make_projector
-from conftest import SHAPES, assert_same_state, fake_grads, groups, make_params
+from conftest import NoHostSync, SHAPES, assert_same_state, fake_grads, groups, make_params
 
 #: The 8-bit class needs bitsandbytes (an optional dependency); the rest runs without it.
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
@@ -403,12 +402,6 @@ def test_bad_groups_raise(cls):
 
 
 # ---------------------------------------------------------------------------- no host sync
-class NoHostSync(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
-            raise AssertionError(f"host sync in the step: {func}")
-        return func(*args, **(kwargs or {}))
-
 
 def test_steps_between_refreshes_do_no_host_sync():
     mats, bias = make_params()

@@ -8,10 +8,9 @@ import re
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowrank_optim.optim.natural_galore import NaturalGaLoreAdamW, inverse_fisher_product
-from conftest import REFERENCE_SHAPES, twin_params
+from conftest import NoHostSync, REFERENCE_SHAPES, twin_params
 
 SHAPES = REFERENCE_SHAPES[:2]  # (37, 20): right-projected, (12, 29): left-projected
 
@@ -342,15 +341,6 @@ def test_resume_through_weights_only_load_is_bit_identical(history_on_refresh):
 
 
 # ---------------------------------------------------------------------------- no host sync
-class NoHostSync(TorchDispatchMode):
-    """Fails on any device-to-host read of a tensor value (item(), float(), bool(), Python
-    comparisons on tensors: aten._local_scalar_dense, aten.is_nonzero)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
-            raise AssertionError(f"host sync in the step: {func}")
-        return func(*args, **(kwargs or {}))
-
 
 @pytest.mark.parametrize("history_on_refresh", ["project", "clear"])
 def test_steps_between_refreshes_do_no_host_sync(history_on_refresh, monkeypatch):

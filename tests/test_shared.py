@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lowrank_optim as lo
-from conftest import OPTIMIZER_CASES, assert_same_state, fake_grads, make_params
+from conftest import OPTIMIZER_CASES, NoHostSync, assert_same_state, fake_grads, make_params
 
 
 def run(opt, params, steps, start=0):
@@ -135,3 +135,16 @@ def test_state_holds_no_hidden_memory(optimizer_case):
         tensors += [v for v in state.get("projector", {}).values() if isinstance(v, torch.Tensor)]
         for t in tensors:
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (tuple(p.shape), tuple(t.shape))
+
+
+def test_steps_between_refreshes_do_no_host_sync(optimizer_case, monkeypatch):
+    """DESIGN.md: no host syncs in the step.  A refresh may sync (its finiteness check, the
+    SVD); the two steps after it must not."""
+    _, build = optimizer_case
+    mats, bias = make_params()
+    opt = build(mats, bias)
+    run(opt, [*mats, bias], 1)  # step 0 refreshes
+    for name in ("tolist", "numpy"):  # reads that bypass the dispatcher
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("host read in the step"))
+    with NoHostSync():
+        run(opt, [*mats, bias], 2, start=1)  # gap 3: steps 1 and 2 are not refreshes
