@@ -49,6 +49,7 @@ setup(
             "bitsandbytes==0.50.2",
             "galore-torch==1.0",
             "fira==1.0.2",
+            "q-galore-torch==1.0",
             "transformers>=4.46",
             "accelerate>=1.0",
             "tqdm",
