@@ -1,0 +1,241 @@
+"""Hugging Face Trainer integration: optim="lowrank_<name>", optim_args, resume, factory."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
+
+import lowrank_optim as lo  # noqa: E402
+from lowrank_optim.integrations import transformers as integ  # noqa: E402
+
+NAMES = integ.register()
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)
+
+
+class TokenData(torch.utils.data.Dataset):
+    def __init__(self, n=16, length=12, seed=1):
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, 64, (n, length), generator=gen)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def training_args(out, **kw):
+    base = dict(
+        output_dir=str(out), use_cpu=True, report_to=[], per_device_train_batch_size=4, max_steps=6,
+        learning_rate=1e-2, weight_decay=0.1, logging_steps=100, save_steps=3, save_strategy="steps",
+        seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        optim_target_modules=["attn", "mlp"],
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+RESUME_CASES = {
+    "lowrank_galore_adamw": "rank=4,update_proj_gap=2,scale=0.25",
+    "lowrank_fira_adamw": "rank=4,update_proj_gap=2",
+    "lowrank_galore_adamw8bit": "rank=4,update_proj_gap=2,min_8bit_size=16",
+}
+
+
+@pytest.mark.parametrize("optim", sorted(RESUME_CASES))
+def test_save_and_resume_equals_uninterrupted(tmp_path, optim):
+    data = TokenData()
+    args = training_args(tmp_path / "full", optim=optim, optim_args=RESUME_CASES[optim])
+    full = Trainer(model=tiny_model(), args=args, train_dataset=data)
+    full.train()
+    opt = full.optimizer.optimizer if hasattr(full.optimizer, "optimizer") else full.optimizer  # accelerate wraps it
+    assert isinstance(opt, lo.LowRankOptimizer)
+    if "8bit" in optim:  # min_8bit_size=16 made the tiny model's moments really 8-bit
+        assert any(s["exp_avg"].dtype == torch.uint8 for s in opt.state.values())
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    assert (checkpoint / "optimizer.pt").is_file()
+    # The Trainer loads it with weights_only=True: our state must be plain tensors and ints.
+    torch.load(checkpoint / "optimizer.pt", weights_only=True)
+
+    args2 = training_args(tmp_path / "resumed", optim=optim, optim_args=RESUME_CASES[optim])
+    resumed = Trainer(model=tiny_model(seed=5), args=args2, train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    moved = False
+    start = tiny_model().state_dict()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+        moved |= not torch.equal(a[key], start[key])
+    assert moved
+
+
+def test_every_optimizer_name_builds_and_steps(tmp_path):
+    assert len(NAMES) == len(lo.available_optimizers())
+    model = tiny_model()
+    batch = TokenData(n=2)[0]
+    for name in NAMES:
+        args = training_args(tmp_path, optim=name, optim_args="rank=4")
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        params = kwargs.pop("params")
+        opt = cls(params, **kwargs)
+        loss = model(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert torch.isfinite(loss)
+
+
+def test_register_is_idempotent():
+    from transformers import trainer_optimizer
+    from transformers.training_args import OptimizerNames
+
+    before = (len(list(OptimizerNames)), len(trainer_optimizer._OPTIMIZER_HANDLERS))
+    assert integ.register() == NAMES
+    assert integ.register() == NAMES
+    assert (len(list(OptimizerNames)), len(trainer_optimizer._OPTIMIZER_HANDLERS)) == before
+    assert OptimizerNames("lowrank_galore_adamw") is OptimizerNames.LOWRANK_GALORE_ADAMW
+    assert OptimizerNames("galore_adamw") is OptimizerNames.GALORE_ADAMW  # built-ins untouched
+
+
+def test_version_check_names_version(monkeypatch):
+    import sys
+
+    # The module object register() imports (transformers swaps its own sys.modules entry).
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.40.0")
+    with pytest.raises(RuntimeError, match="transformers 4.40.0"):
+        integ.register()
+
+
+def test_missing_transformers_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(ImportError, match="needs transformers >=5.23"):
+        integ.register()
+
+
+def test_hf_argument_parser_command_line(tmp_path):
+    parser = HfArgumentParser(TrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none",
+        "--optim", "lowrank_galore_adamw", "--optim_target_modules", r".*\.(self_attn|mlp)\..*",  # one value on a command line: a regex
+        "--optim_args", "rank=4,update_proj_gap=7,betas=0.8:0.9",
+    ])
+    assert args.optim.value == "lowrank_galore_adamw"
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, tiny_model())
+    assert cls is lo.GaLoreAdamW
+    assert kwargs["update_proj_gap"] == 7 and kwargs["betas"] == (0.8, 0.9)
+    assert kwargs["params"][0]["rank"] == 4
+    assert len(kwargs["params"][0]["params"]) == 2 * 7  # q k v o gate up down, two layers
+
+
+def test_optim_args_types():
+    parsed = integ.parse_optim_args(
+        "galore_adamw",
+        "rank=64,update_proj_gap=200,scale=0.25,betas=0.9:0.95,decay_after_update=true,proj_type=left,"
+        "density=none,projector_args=distribution:gaussian;oversample:4",
+    )
+    assert parsed == {
+        "rank": 64, "update_proj_gap": 200, "scale": 0.25, "betas": (0.9, 0.95), "decay_after_update": True,
+        "proj_type": "left", "density": None, "projector_args": {"distribution": "gaussian", "oversample": 4},
+    }
+    assert type(parsed["scale"]) is float and type(parsed["rank"]) is int
+    ada = integ.parse_optim_args("lowrank_galore_adafactor", "eps=1e-30:1e-3,beta1=0.9,relative_step=0")
+    assert ada == {"eps": (1e-30, 1e-3), "beta1": 0.9, "relative_step": False}
+
+
+def test_optim_args_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown optim_args key 'rnak'; valid keys are: .*rank.*update_proj_gap"):
+        integ.parse_optim_args("galore_adamw", "rnak=4")
+    with pytest.raises(ValueError, match="rank='four' is not an integer"):
+        integ.parse_optim_args("galore_adamw", "rank=four")
+    with pytest.raises(ValueError, match="not a boolean"):
+        integ.parse_optim_args("galore_adamw", "decay_after_update=maybe")
+    with pytest.raises(ValueError, match="needs 2 values"):
+        integ.parse_optim_args("galore_adamw", "betas=0.9")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        integ.parse_optim_args("galore_adamw", "accumulation_steps=2")
+    # Range checks are the optimizer's own, raised when the Trainer builds it.
+    args = training_args(tmp_path, optim="lowrank_galore_adamw", optim_args="rank=-3")
+    trainer = Trainer(model=tiny_model(), args=args, train_dataset=TokenData())
+    with pytest.raises(ValueError, match="rank=-3"):
+        trainer.create_optimizer()
+    args = training_args(tmp_path, optim="lowrank_galore_adamw", optim_args="update_proj_gap=3")
+    with pytest.raises(ValueError, match="needs rank"):
+        Trainer.get_optimizer_cls_and_kwargs(args, tiny_model())
+    args = training_args(tmp_path, optim="lowrank_galore_adamw", optim_args="rank=4", optim_target_modules=["nope"])
+    with pytest.raises(ValueError, match="no nn.Linear module matches"):
+        Trainer.get_optimizer_cls_and_kwargs(args, tiny_model())
+
+
+def _groups_by_kind(opt):
+    kinds = {}
+    for g in opt.param_groups:
+        kind = "low" if g.get("rank") else ("decay" if g["weight_decay"] else "no_decay")
+        kinds[kind] = g
+    return kinds
+
+
+def test_training_arguments_reach_the_groups(tmp_path):
+    args = training_args(
+        tmp_path, optim="lowrank_fira_adamw", optim_args="rank=4", learning_rate=3e-3, weight_decay=0.05,
+        adam_beta1=0.8, adam_beta2=0.9, adam_epsilon=1e-6, optim_target_modules=r".*\.mlp\..*",
+    )
+    trainer = Trainer(model=tiny_model(), args=args, train_dataset=TokenData())
+    opt = trainer.create_optimizer()
+    kinds = _groups_by_kind(opt)
+    assert set(kinds) == {"low", "decay", "no_decay"}
+    for g in opt.param_groups:
+        assert g["lr"] == 3e-3 and g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6
+    assert kinds["low"]["weight_decay"] == 0.05 and kinds["decay"]["weight_decay"] == 0.05
+    assert all(".mlp." in n and n.endswith(".weight") for n in kinds["low"]["param_names"])  # regex target
+    assert any("self_attn" in n for n in kinds["decay"]["param_names"])
+    no_decay = kinds["no_decay"]["param_names"]
+    assert no_decay and all("norm" in n or "bias" in n for n in no_decay)
+    assert kinds["no_decay"]["weight_decay"] == 0.0
+    names = {n for g in opt.param_groups for n in g["param_names"]}
+    assert names == {n for n, _ in trainer.model.named_parameters()}
+    # optim_args win over TrainingArguments.
+    args = training_args(tmp_path, optim="lowrank_galore_adamw", optim_args="rank=4,betas=0.5:0.6,weight_decay=0.2")
+    opt = Trainer(model=tiny_model(), args=args, train_dataset=TokenData()).create_optimizer()
+    kinds = _groups_by_kind(opt)
+    assert kinds["low"]["betas"] == (0.5, 0.6) and kinds["decay"]["weight_decay"] == 0.2
+    assert kinds["no_decay"]["weight_decay"] == 0.0
+
+
+def test_adafactor_gets_training_lr(tmp_path):
+    args = training_args(tmp_path, optim="lowrank_galore_adafactor", optim_args="rank=4", learning_rate=2e-3)
+    opt = Trainer(model=tiny_model(), args=args, train_dataset=TokenData()).create_optimizer()
+    assert all(g["lr"] == 2e-3 and not g["relative_step"] for g in opt.param_groups)
+
+
+def test_optimizer_cls_and_kwargs_factory(tmp_path):
+    with pytest.raises(ValueError, match="valid ones are"):
+        integ.optimizer_cls_and_kwargs("galore_adamw", rnak=4)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        integ.optimizer_cls_and_kwargs("galore_adamw", rank=4, max_grad_norm=1.0)
+    args = training_args(tmp_path, max_steps=2, save_strategy="no", learning_rate=4e-3, weight_decay=0.03)
+    factory = integ.optimizer_cls_and_kwargs("fira_adamw", args=args, target_modules=["mlp"], rank=4,
+                                             update_proj_gap=2)
+    trainer = Trainer(model=tiny_model(), args=args, train_dataset=TokenData(), optimizer_cls_and_kwargs=factory)
+    trainer.train()
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert isinstance(opt, lo.FiraAdamW)
+    kinds = _groups_by_kind(opt)
+    assert kinds["low"]["rank"] == 4 and kinds["low"]["update_proj_gap"] == 2
+    assert all(".mlp." in n for n in kinds["low"]["param_names"])
+    assert kinds["decay"]["weight_decay"] == 0.03 and kinds["no_decay"]["weight_decay"] == 0.0
+    assert all(g["initial_lr"] == 4e-3 for g in opt.param_groups)
+    assert all(len(opt.state[p]) for p in kinds["low"]["params"])
