@@ -93,6 +93,12 @@ OPTIMIZER_CASES = {
     "gradnorm_lorp_8bit_project": lambda m, b: lo.GradNormLoRPAdamW8bit(
         groups(m, b, on_refresh="project"), lr=1e-2, min_8bit_size=16, weight_decay=0.1
     ),
+    "gradnorm_lorp_hf_after_project": lambda m, b: lo.GradNormLoRPAdamW(
+        groups(m, b, on_refresh="project"), lr=1e-2, eps_style="hf", decay_after_update=True, weight_decay=0.1
+    ),
+    "gradnorm_lorp_reset_full_rsvd": lambda m, b: lo.GradNormLoRPAdamW(
+        groups(m, b, on_refresh="reset", proj_type="full", projector="rsvd"), lr=1e-2
+    ),
     "natural_galore": lambda m, b: lo.NaturalGaLoreAdamW(groups(m, b), lr=1e-2, history=4, weight_decay=0.1),
     "natural_galore_full_clear": lambda m, b: lo.NaturalGaLoreAdamW(
         groups(m, b, proj_type="full", on_refresh="project"), lr=1e-2, history=2, damping=1e-2,

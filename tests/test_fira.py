@@ -150,19 +150,6 @@ def test_matrix_scaling_differs_from_column():
         assert not torch.allclose(p, q, rtol=1e-4, atol=1e-5)
 
 
-def test_dense_group_is_plain_adamw():
-    """A group without rank never reaches the Fira hook: it is torch.optim.AdamW to the bit."""
-    a, b = twin_params(seed=5)
-    ours = FiraAdamW([a[3]], lr=1e-2, weight_decay=0.1)
-    ref = torch.optim.AdamW([b[3]], lr=1e-2, weight_decay=0.1, foreach=False)
-    for t in range(5):
-        a[3].grad = b[3].grad = grads_for(t, [(5,)])[0]
-        ours.step()
-        ref.step()
-    assert torch.equal(a[3], b[3])
-    assert "residual_norm" not in ours.state[a[3]]
-
-
 # ---------------------------------------------------------------------------- norm-growth limiter
 class RecordingFira(FiraAdamW):
     """Records the residual the hook adds: (direction after - before) / scale in paper mode."""

@@ -211,18 +211,6 @@ def test_history_is_re_expressed_at_a_refresh():
     torch.testing.assert_close(state["grad_history"][3], w.grad @ new_basis.T)
 
 
-def test_dense_group_is_plain_adamw_and_keeps_no_history():
-    a, b = twin_params(seed=5)
-    ours = NaturalGaLoreAdamW([a[3]], lr=1e-2, weight_decay=0.1)
-    ref = torch.optim.AdamW([b[3]], lr=1e-2, weight_decay=0.1, foreach=False)
-    for t in range(4):
-        a[3].grad = b[3].grad = grads_for(t, [(5,)])[0]
-        ours.step()
-        ref.step()
-    assert torch.equal(a[3], b[3])
-    assert "grad_history" not in ours.state[a[3]]
-
-
 @pytest.mark.parametrize("proj_type", ["full", "left"])
 def test_two_sided_projection_keeps_an_r_by_r_history(proj_type):
     """proj_type='full' is the reference's two-sided (Tucker) projection."""

@@ -91,14 +91,21 @@ def test_bf16_parameters_train(optimizer_case):
         assert basis.dtype == torch.bfloat16
 
 
-def test_dense_group_is_torch_adamw_bit_for_bit():
-    """A model with no projected group trains exactly as under torch.optim.AdamW."""
+ADAM_CLASSES = [
+    lo.GaLoreAdamW, lo.FiraAdamW, lo.FrugalAdamW, lo.DCTAdamW, lo.NaturalGaLoreAdamW, lo.GradNormLoRPAdamW,
+]
+
+
+@pytest.mark.parametrize("cls", ADAM_CLASSES, ids=lambda c: c.__name__)
+def test_dense_group_is_torch_adamw_bit_for_bit(cls):
+    """A model with no projected group trains exactly as under torch.optim.AdamW, and the
+    method keeps none of its own state there (no residual norm, history, magnitude)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(13, 11), torch.nn.Tanh(), torch.nn.Linear(11, 3))
     twin = torch.nn.Sequential(torch.nn.Linear(13, 11), torch.nn.Tanh(), torch.nn.Linear(11, 3))
     twin.load_state_dict(model.state_dict())
     kw = dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.05)
-    ours = lo.GaLoreAdamW(model.parameters(), **kw)
+    ours = cls(model.parameters(), **kw)
     ref = torch.optim.AdamW(twin.parameters(), foreach=False, **kw)
     x, y = torch.randn(32, 13), torch.randn(32, 3)
     for _ in range(8):
@@ -111,6 +118,7 @@ def test_dense_group_is_torch_adamw_bit_for_bit():
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(ours.state[p]["exp_avg"], ref.state[q]["exp_avg"])
         assert torch.equal(ours.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"])
+        assert set(ours.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZER_CASES))
