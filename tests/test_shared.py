@@ -148,6 +148,8 @@ def test_state_holds_no_hidden_memory(optimizer_case):
 def test_steps_between_refreshes_do_no_host_sync(optimizer_case, monkeypatch):
     """DESIGN.md: no host syncs in the step.  A refresh may sync (its finiteness check, the
     SVD); the two steps after it must not."""
+    with pytest.raises(AssertionError), NoHostSync():  # the detector sees a Python max on a tensor
+        max(torch.tensor(2.0), 1.01)
     _, build = optimizer_case
     mats, bias = make_params()
     opt = build(mats, bias)
@@ -156,3 +158,6 @@ def test_steps_between_refreshes_do_no_host_sync(optimizer_case, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("host read in the step"))
     with NoHostSync():
         run(opt, [*mats, bias], 2, start=1)  # gap 3: steps 1 and 2 are not refreshes
+    if build(*make_params()).param_groups[0]["projector"] in ("svd", "rsvd"):
+        with pytest.raises(AssertionError, match="host sync"), NoHostSync():
+            run(opt, [*mats, bias], 1, start=3)  # a refresh does sync (finiteness check): the detector sees it
