@@ -6,6 +6,20 @@
         --optimizers adamw,galore_adamw,galore_adamw8bit --out results.json
     python bench/pretrain.py --data my_corpus.txt             # any file, read as bytes
 
+As a pretraining loop (one optimizer, its hyperparameters, checkpoints, several processes):
+
+    python bench/pretrain.py --model 60m --optimizers galore_adamw \
+        --opt-arg galore_adamw:rank=128,update_proj_gap=500 --dtype bf16 --grad-accum 4 \
+        --clip-grad 1.0 --tokenized tokens.bin --save-dir ckpt --save-every 1000 --wandb
+    python bench/pretrain.py ... --resume ckpt                 # continue where ckpt stopped
+    torchrun --nproc_per_node 2 bench/pretrain.py --ddp ...    # data parallel (gloo on CPU)
+
+``--tokenized PATH`` reads token ids already on disk, in one of three formats, and holds out
+the last ``--validation-fraction`` of them: a 1-D integer tensor written with ``torch.save``
+(``.pt``), a 1-D integer NumPy array (``.npy``, memory-mapped), or a flat file of
+little-endian ``uint16`` ids (``.bin``, memory-mapped, as nanoGPT writes them).  The
+vocabulary is then ``--vocab-size`` (default: the largest id + 1).
+
 Each optimizer trains a freshly initialised model from the same seed on the same batches,
 so the rows of the final table differ only by the optimizer.  The table gives the final
 validation loss (mean cross-entropy in nats per byte over fixed validation windows), the
@@ -20,21 +34,27 @@ sources, read in sorted order, which makes a run reproducible on a given Python 
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
+import inspect
 import json
 import math
+import os
+import re
 import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lowrank_optim
 
-VOCAB_SIZE = 256  # one token per byte value
+VOCAB_SIZE = 256  # one token per byte value (unless --tokenized)
 
 
 class ModelShape(NamedTuple):
@@ -58,6 +78,7 @@ MODEL_SHAPES: dict[str, ModelShape] = {
     "130m": ModelShape(768, 2048, 12, 12, seq_len=256, galore_rank=256),
     "350m": ModelShape(1024, 2736, 16, 24, seq_len=256, galore_rank=256),
     "1b": ModelShape(2048, 5461, 32, 24, seq_len=256, galore_rank=512),
+    "7b": ModelShape(4096, 11008, 32, 32, seq_len=256, galore_rank=1024),
 }
 
 #: Options some optimizers need so that this script's schedule, not their own, sets the lr:
@@ -65,6 +86,10 @@ MODEL_SHAPES: dict[str, ModelShape] = {
 OPTIMIZER_OVERRIDES: dict[str, dict] = {
     "galore_adafactor": {"relative_step": False, "scale_parameter": False},
 }
+
+#: ``--dtype``: the dtype of the weights (and so of gradients and of the optimizer state that
+#: follows the weights); bf16 halves their memory, with no autocast (the model runs in bf16).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 #: ``--quick`` changes these defaults; flags given explicitly still win.
 QUICK_DEFAULTS = {
@@ -79,11 +104,11 @@ QUICK_DEFAULTS = {
 
 
 # ---------------------------------------------------------------------------- model
-def build_model(name: str, seq_len: int | None = None) -> LlamaForCausalLM:
-    """A randomly initialised byte-level LLaMA of the named shape (seeded by the caller)."""
+def build_model(name: str, seq_len: int | None = None, vocab_size: int = VOCAB_SIZE) -> LlamaForCausalLM:
+    """A randomly initialised LLaMA of the named shape (seeded by the caller)."""
     shape = MODEL_SHAPES[name]
     config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
         num_attention_heads=shape.num_attention_heads,
@@ -101,9 +126,10 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 # ---------------------------------------------------------------------------- data
 class Corpus(NamedTuple):
-    train: torch.Tensor  # uint8 byte values
-    validation: torch.Tensor
+    train: Any  # 1-D token ids: a uint8 byte tensor, an int tensor or a NumPy memmap
+    validation: Any
     source: str
+    vocab_size: int = VOCAB_SIZE
 
 
 def stdlib_sources() -> list[Path]:
@@ -134,20 +160,67 @@ def load_corpus(
         raw, source = Path(data_path).read_bytes()[:max_bytes], data_path
     else:
         raw, source = read_stdlib(max_bytes), f"python {sys.version.split()[0]} stdlib sources"
-    split = int(len(raw) * (1 - validation_fraction))
-    if min(split, len(raw) - split) < min_split:
+    return split_corpus(byte_tensor(raw), source, validation_fraction, min_split, VOCAB_SIZE)
+
+
+def split_corpus(tokens, source: str, validation_fraction: float, min_split: int, vocab_size: int) -> Corpus:
+    """Hold out the last ``validation_fraction`` of ``tokens`` (slices: a memmap stays on disk)."""
+    split = int(len(tokens) * (1 - validation_fraction))
+    if min(split, len(tokens) - split) < min_split:
         raise ValueError(
-            f"corpus {source!r} has {len(raw)} bytes: too few for train and validation windows of {min_split} bytes"
+            f"corpus {source!r} has {len(tokens)} tokens: "
+            f"too few for train and validation windows of {min_split} tokens"
         )
-    return Corpus(byte_tensor(raw[:split]), byte_tensor(raw[split:]), source)
+    return Corpus(tokens[:split], tokens[split:], source, vocab_size)
+
+
+def load_tokenized(
+    path: str, validation_fraction: float = 0.1, min_split: int = 2, vocab_size: int | None = None
+) -> Corpus:
+    """Token ids on disk (see the module docstring): ``.pt`` (torch.save of a 1-D int tensor),
+    ``.npy`` or a raw little-endian uint16 ``.bin``; the last two are memory-mapped so a corpus
+    larger than RAM works."""
+    suffix = Path(path).suffix
+    if suffix == ".npy":
+        tokens = np.load(path, mmap_mode="r")
+    elif suffix == ".bin":
+        tokens = np.memmap(path, dtype="<u2", mode="r")
+    else:
+        tokens = torch.load(path, weights_only=True)
+        if not isinstance(tokens, torch.Tensor):
+            raise ValueError(
+                f"--tokenized {path!r}: expected a tensor saved with torch.save, got {type(tokens).__name__}"
+            )
+    if isinstance(tokens, np.ndarray):
+        integer = np.issubdtype(tokens.dtype, np.integer)
+    else:
+        integer = not (tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool)
+    if tokens.ndim != 1 or not integer:
+        raise ValueError(
+            f"--tokenized {path!r}: expected 1-D integer token ids, got {tokens.dtype} of shape {tuple(tokens.shape)}"
+        )
+    if vocab_size is None:  # one pass over the ids; pass --vocab-size to skip it on a huge corpus
+        vocab_size = int(tokens.max()) + 1
+    return split_corpus(tokens, f"{path} (token ids)", validation_fraction, min_split, vocab_size)
+
+
+def load_data(args: argparse.Namespace) -> Corpus:
+    """The corpus the flags name: ``--tokenized`` ids, else ``--data``'s bytes or the stdlib's."""
+    if args.tokenized:
+        return load_tokenized(args.tokenized, args.validation_fraction, args.seq_len, args.vocab_size)
+    return load_corpus(args.data, args.corpus_bytes, args.validation_fraction, min_split=args.seq_len)
 
 
 def byte_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def windows(tokens: torch.Tensor, starts: list[int], seq_len: int) -> torch.Tensor:
-    """Token ids (batch x seq_len): the sequences of ``tokens`` that begin at ``starts``."""
+def windows(tokens, starts: list[int], seq_len: int) -> torch.Tensor:
+    """Token ids (batch x seq_len): the sequences of ``tokens`` that begin at ``starts``.
+    ``tokens`` may be a NumPy memmap: only these windows are read, as int64 (torch has few
+    uint16 ops)."""
+    if isinstance(tokens, np.ndarray):
+        return torch.from_numpy(np.stack([tokens[s : s + seq_len] for s in starts]).astype(np.int64))
     return torch.stack([tokens[s : s + seq_len] for s in starts]).long()
 
 
@@ -164,24 +237,91 @@ def validation_batches(tokens: torch.Tensor, num_batches: int, batch_size: int, 
 
 
 # ---------------------------------------------------------------------------- training
-def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+def hyperparameter_defaults(name: str) -> dict[str, Any]:
+    """The keywords optimizer ``name`` accepts, with their defaults (which give ``--opt-arg``
+    values their types)."""
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    return lowrank_optim.create_optimizer(
-        name,
-        model,
-        target_modules=("attn", "mlp"),
-        rank=args.rank,
-        lr=args.galore_lr,
-        update_proj_gap=args.update_proj_gap,
-        scale=args.scale,
-        weight_decay=args.weight_decay,
-        **OPTIMIZER_OVERRIDES.get(name, {}),
-    )
+        signature = inspect.signature(torch.optim.AdamW)
+        return {k: v.default for k, v in signature.parameters.items() if v.default is not inspect.Parameter.empty}
+    return lowrank_optim.optim.OPTIMIZERS[name].hyperparameter_defaults()
+
+
+def parse_value(text: str, default: Any) -> Any:
+    """``text`` as the type of ``default``: bools take true/false, numbers their type, anything
+    else (tuples, None defaults) a Python literal, or the string itself."""
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if isinstance(default, int):
+        return int(text)
+    if isinstance(default, float):
+        return float(text)
+    if isinstance(default, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(default, tuple):  # betas=(0.9,0.95): the optimizer would fail far less clearly
+        if not isinstance(value, (tuple, list)) or len(value) != len(default):
+            raise ValueError(f"expected a tuple of {len(default)} like {default}, got {text!r}")
+        return tuple(value)
+    return value
+
+
+def parse_opt_args(specs: Sequence[str], optimizers: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--opt-arg [OPTIMIZER:]KEY=VALUE[,KEY=VALUE...]`` flags into keywords per optimizer.
+    Without ``OPTIMIZER:`` the keys go to every optimizer in ``--optimizers``; a key an
+    optimizer does not take is an error listing the ones it does."""
+    per_optimizer: dict[str, dict[str, Any]] = {name: {} for name in optimizers}
+    for spec in specs:
+        target, _, assignments = spec.partition(":") if re.match(r"^\w+:", spec) else ("", "", spec)
+        if target and target not in per_optimizer:
+            raise ValueError(f"--opt-arg {spec!r}: {target!r} is not in --optimizers {list(optimizers)}")
+        # split on the commas that start a new KEY=, so that betas=(0.9,0.95) stays whole
+        for assignment in re.split(r",(?=\s*\w+\s*=)", assignments):
+            key, sep, text = (part.strip() for part in assignment.partition("="))
+            if not sep or not key:
+                raise ValueError(f"--opt-arg {spec!r}: expected KEY=VALUE, got {assignment!r}")
+            for name in [target] if target else optimizers:
+                defaults = hyperparameter_defaults(name)
+                if key not in defaults:
+                    raise ValueError(
+                        f"--opt-arg {spec!r}: {name} has no option {key!r}; valid ones are: {', '.join(defaults)}"
+                    )
+                try:
+                    per_optimizer[name][key] = parse_value(text, defaults[key])
+                except ValueError as error:
+                    raise ValueError(f"--opt-arg {spec!r}: bad value for {name} {key}: {error}") from None
+    return per_optimizer
+
+
+def optimizer_kwargs(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """This script's flags as the optimizer's keywords, then ``--opt-arg`` on top."""
+    if name == "adamw":
+        kwargs = {"lr": args.lr, "weight_decay": args.weight_decay}
+    else:
+        kwargs = {
+            "rank": args.rank,
+            "lr": args.galore_lr,
+            "update_proj_gap": args.update_proj_gap,
+            "scale": args.scale,
+            "weight_decay": args.weight_decay,
+            **OPTIMIZER_OVERRIDES.get(name, {}),
+        }
+    return {**kwargs, **args.opt_args.get(name, {})}
+
+
+def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    kwargs = optimizer_kwargs(name, args)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), **kwargs)
+    return lowrank_optim.create_optimizer(name, model, target_modules=("attn", "mlp"), **kwargs)
 
 
 def peak_lr(name: str, args: argparse.Namespace) -> float:
-    return args.lr if name == "adamw" else args.galore_lr
+    return optimizer_kwargs(name, args)["lr"]
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1):
@@ -227,37 +367,205 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def warm_up(args: argparse.Namespace) -> None:
+def warm_up(args: argparse.Namespace, vocab_size: int = VOCAB_SIZE) -> None:
     """One forward and backward pass on a throwaway model, so that one-time costs (lazy
     initialisation, thread pools, allocator growth) are not charged to the first optimizer."""
     device = torch.device(args.device)
-    model = build_model(args.model, args.seq_len).to(device)
+    model = build_model(args.model, args.seq_len, vocab_size).to(device, DTYPES[args.dtype])
     batch = torch.zeros(args.batch_size, args.seq_len, dtype=torch.long, device=device)
     model(input_ids=batch, labels=batch).loss.backward()
     synchronize(device)
 
 
-def train_one(optimizer_name: str, args: argparse.Namespace, corpus: Corpus | None = None) -> dict:
-    """Train a fresh model with one optimizer; returns the metrics of one table row."""
-    corpus = corpus or load_corpus(args.data, args.corpus_bytes, min_split=args.seq_len)
+# ---------------------------------------------------------------------------- distributed
+class Distributed(NamedTuple):
+    """This process's place in a ``torchrun`` job (rank 0 of 1 without ``--ddp``)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:  # the one process that prints, logs and saves
+        return self.rank == 0
+
+
+def init_distributed(args: argparse.Namespace) -> Distributed:
+    """With ``--ddp``, join the process group that ``torchrun`` describes in RANK, WORLD_SIZE,
+    MASTER_ADDR and MASTER_PORT: gloo on CPU, nccl on CUDA, each process on its LOCAL_RANK GPU."""
+    if not args.ddp:
+        return Distributed()
+    if torch.device(args.device).type == "cuda":
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend)
+    return Distributed(torch.distributed.get_rank(), torch.distributed.get_world_size())
+
+
+def gather(obj: Any, dist_info: Distributed) -> list:
+    """``obj`` from every rank, in rank order (all ranks must call this)."""
+    if dist_info.world_size == 1:
+        return [obj]
+    gathered = [None] * dist_info.world_size
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def checkpoint_path(directory: str, optimizer_name: str, step: int) -> Path:
+    return Path(directory) / optimizer_name / f"step_{step:07d}.pt"
+
+
+def find_checkpoint(resume: str, optimizer_name: str) -> Path:
+    """``--resume`` names a checkpoint file, or a ``--save-dir`` whose latest checkpoint of
+    this optimizer is taken."""
+    path = Path(resume)
+    if path.is_file():
+        return path
+    found = sorted((path / optimizer_name).glob("step_*.pt"))
+    if not found:
+        raise FileNotFoundError(f"--resume {resume!r}: no {optimizer_name}/step_*.pt checkpoint there")
+    return found[-1]
+
+
+def rng_state(batch_stream: torch.Generator) -> dict[str, torch.Tensor]:
+    """What decides this rank's future batches and any random op, so a resumed run draws the
+    same ones as an uninterrupted run would have."""
+    state = {"batch_stream": batch_stream.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(
+    path: Path, optimizer_name: str, model, optimizer, scheduler, batch_stream, progress: dict, dist_info: Distributed
+) -> None:
+    """Everything the run depends on, through ``torch.save`` (loadable with weights_only=True).
+    Every rank must call this: rank 0 writes, with every rank's RNG state."""
+    rng = gather(rng_state(batch_stream), dist_info)
+    if not dist_info.is_main:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng,
+        "optimizer_name": optimizer_name,
+        **progress,  # step, initial_val_loss, eval_history
+    }
+    partial = path.with_suffix(".tmp")  # an interrupted save must not leave a truncated checkpoint
+    torch.save(checkpoint, partial)
+    os.replace(partial, path)
+
+
+def load_checkpoint(
+    path: Path, optimizer_name: str, model, optimizer, scheduler, batch_stream, dist_info: Distributed
+) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; returns the progress entries."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint["optimizer_name"] != optimizer_name:
+        raise ValueError(
+            f"--resume {str(path)!r} is a checkpoint of {checkpoint['optimizer_name']}, not of {optimizer_name}"
+        )
+    if len(checkpoint["rng"]) != dist_info.world_size:
+        raise ValueError(
+            f"--resume {str(path)!r} was saved by {len(checkpoint['rng'])} processes; resume it with as many, "
+            f"not {dist_info.world_size}"
+        )
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    rng = checkpoint["rng"][dist_info.rank]
+    batch_stream.set_state(rng["batch_stream"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return {key: checkpoint[key] for key in ("step", "initial_val_loss", "eval_history")}
+
+
+# ---------------------------------------------------------------------------- logging
+def start_wandb(optimizer_name: str, args: argparse.Namespace, dist_info: Distributed):
+    """A wandb run on rank 0 with ``--wandb``, else None. Imported here: wandb is optional."""
+    if not (args.wandb and dist_info.is_main):
+        return None
+    import wandb
+
+    config = {**vars(args), "optimizer": optimizer_name, "optimizer_kwargs": optimizer_kwargs(optimizer_name, args)}
+    return wandb.init(
+        project=args.wandb_project,
+        name=f"{args.model}-{optimizer_name}",
+        config=json.loads(json.dumps(config, default=str)),
+        # Read WANDB_MODE / WANDB_DIR now: wandb itself reads them once per process, at its first run.
+        mode=args.wandb_mode or os.environ.get("WANDB_MODE"),
+        dir=args.wandb_dir or os.environ.get("WANDB_DIR"),
+    )
+
+
+# ---------------------------------------------------------------------------- training loop
+def accumulate_gradients(model, micro_batches: list[torch.Tensor], dist_info: Distributed) -> torch.Tensor:
+    """Backward over the micro-batches of one optimizer step; returns their mean loss.
+    Each loss is divided by their number, so the summed gradient is that of the mean loss,
+    as one batch of all of them would give. Under DDP only the last backward all-reduces."""
+    losses = []
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or dist_info.world_size == 1 else model.no_sync()
+        with sync:
+            loss = model(input_ids=batch, labels=batch).loss / len(micro_batches)
+            loss.backward()
+        losses.append(loss.detach())  # kept on the device: no host sync per micro-batch
+    return torch.stack(losses).sum().float()
+
+
+def train_one(
+    optimizer_name: str, args: argparse.Namespace, corpus: Corpus | None = None, dist_info: Distributed = Distributed()
+) -> dict:
+    """Train a fresh model with one optimizer (or resume it); returns the metrics of one table row."""
+    corpus = corpus or load_data(args)
     device = torch.device(args.device)
-    torch.manual_seed(args.seed)  # the same initial weights for every optimizer
-    model = build_model(args.model, args.seq_len).to(device)
+    torch.manual_seed(args.seed)  # the same initial weights for every optimizer and every rank
+    model = build_model(args.model, args.seq_len, corpus.vocab_size).to(device, DTYPES[args.dtype])
     optimizer = make_optimizer(optimizer_name, model, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup, args.steps))
-    batch_stream = torch.Generator().manual_seed(args.seed)  # the same batches for every optimizer
+    # The same batches for every optimizer; each rank its own stream, i.e. its own share of the data.
+    batch_stream = torch.Generator().manual_seed(args.seed + dist_info.rank)
     held_out = validation_batches(corpus.validation, args.eval_batches, args.batch_size, args.seq_len)
+    trained = torch.nn.parallel.DistributedDataParallel(model) if args.ddp else model
 
-    initial_val_loss = evaluate(model, held_out, device)
-    eval_history = [(0, initial_val_loss)]
+    if args.resume:
+        checkpoint = find_checkpoint(args.resume, optimizer_name)
+        progress_state = load_checkpoint(
+            checkpoint, optimizer_name, model, optimizer, scheduler, batch_stream, dist_info
+        )
+    else:
+        initial_val_loss = evaluate(model, held_out, device)
+        progress_state = {"step": 0, "initial_val_loss": initial_val_loss, "eval_history": [(0, initial_val_loss)]}
+    eval_history = progress_state["eval_history"]
+    first_step = progress_state["step"] + 1
+    wandb_run = start_wandb(optimizer_name, args, dist_info)
     optimizer_seconds = train_seconds = 0.0
-    progress = tqdm(range(1, args.steps + 1), desc=f"{optimizer_name:>16}", unit="step", disable=args.no_progress)
+    progress = tqdm(
+        range(first_step, args.steps + 1),
+        desc=f"{optimizer_name:>16}",
+        unit="step",
+        initial=first_step - 1,
+        total=args.steps,
+        disable=args.no_progress or not dist_info.is_main,
+    )
     for step in progress:
-        batch = sample_batch(corpus.train, args.batch_size, args.seq_len, batch_stream).to(device)
+        micro_batches = [
+            sample_batch(corpus.train, args.batch_size, args.seq_len, batch_stream).to(device)
+            for _ in range(args.grad_accum)
+        ]
         synchronize(device)
         started = time.perf_counter()
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
+        loss = accumulate_gradients(trained, micro_batches, dist_info)
+        if args.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         synchronize(device)
         step_started = time.perf_counter()
         optimizer.step()
@@ -268,9 +576,17 @@ def train_one(optimizer_name: str, args: argparse.Namespace, corpus: Corpus | No
         optimizer_seconds += step_finished - step_started
         train_seconds += time.perf_counter() - started
 
-        postfix = {"loss": f"{loss.item():.3f}", "lr": f"{scheduler.get_last_lr()[0]:.1e}"}
+        metrics = {"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}
         if args.eval_every and step % args.eval_every == 0 and step != args.steps:
             eval_history.append((step, evaluate(model, held_out, device)))
+            metrics["val/loss"] = eval_history[-1][1]
+        if wandb_run is not None:
+            wandb_run.log(metrics, step=step)
+        if args.save_dir and ((args.save_every and step % args.save_every == 0) or step == args.steps):
+            progress_state = {**progress_state, "step": step, "eval_history": eval_history}
+            path = checkpoint_path(args.save_dir, optimizer_name, step)
+            save_checkpoint(path, optimizer_name, model, optimizer, scheduler, batch_stream, progress_state, dist_info)
+        postfix = {"loss": f"{metrics['train/loss']:.3f}", "lr": f"{metrics['train/lr']:.1e}"}
         if len(eval_history) > 1:
             postfix["val"] = f"{eval_history[-1][1]:.3f}"
         progress.set_postfix(postfix, refresh=False)
@@ -278,15 +594,19 @@ def train_one(optimizer_name: str, args: argparse.Namespace, corpus: Corpus | No
 
     final_val_loss = evaluate(model, held_out, device)
     eval_history.append((args.steps, final_val_loss))
+    if wandb_run is not None:
+        wandb_run.log({"val/loss": final_val_loss}, step=args.steps)
+        wandb_run.finish()
+    steps_run = max(1, args.steps - first_step + 1)  # timings cover this process's steps only
     return {
         "optimizer": optimizer_name,
         "peak_lr": peak_lr(optimizer_name, args),
-        "initial_val_loss": initial_val_loss,
+        "initial_val_loss": progress_state["initial_val_loss"],
         "val_loss": final_val_loss,
         "eval_history": eval_history,
         "state_bytes": state_bytes(optimizer),
-        "optimizer_step_ms": 1000 * optimizer_seconds / args.steps,
-        "train_step_ms": 1000 * train_seconds / args.steps,
+        "optimizer_step_ms": 1000 * optimizer_seconds / steps_run,
+        "train_step_ms": 1000 * train_seconds / steps_run,
         "parameters": count_parameters(model),
     }
 
@@ -380,8 +700,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-every", type=int, default=500, help="validation every N steps (0: start and end only)")
     parser.add_argument("--eval-batches", type=int, default=8, help="fixed validation batches per evaluation")
     parser.add_argument("--seed", type=int, default=0, help="model initialisation and batch order")
-    parser.add_argument("--data", default=None, help="train on this file's bytes instead of the stdlib sources")
+    parser.add_argument(
+        "--opt-arg",
+        action="append",
+        default=[],
+        metavar="[OPTIMIZER:]KEY=VALUE[,KEY=VALUE...]",
+        help="an optimizer hyperparameter (repeatable), e.g. galore_adamw:rank=64,scale=0.25 or betas=(0.9,0.95); "
+        "without OPTIMIZER: for every optimizer; overrides the flags above; typed like the optimizer's default",
+    )
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the weights")
+    parser.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        help="micro-batches of --batch-size summed in .grad per optimizer step (leave the optimizers' own "
+        "accumulation_steps at 1)",
+    )
+    parser.add_argument("--clip-grad", type=float, default=None, help="clip the global gradient norm to this")
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--data", default=None, help="train on this file's bytes instead of the stdlib sources")
+    data.add_argument(
+        "--tokenized", default=None, help="train on token ids on disk: .pt (torch.save), .npy or uint16 .bin"
+    )
+    parser.add_argument("--vocab-size", type=int, default=None, help="with --tokenized (None: the largest id + 1)")
+    parser.add_argument("--validation-fraction", type=float, default=0.1, help="held-out end of the corpus")
     parser.add_argument("--corpus-bytes", type=int, default=2_000_000, help="read at most this many corpus bytes")
+    parser.add_argument("--save-dir", default=None, help="write checkpoints to DIR/OPTIMIZER/step_N.pt")
+    parser.add_argument(
+        "--save-every", type=int, default=0, help="with --save-dir: checkpoint every N steps and after the last"
+    )
+    parser.add_argument(
+        "--resume", default=None, help="continue from a checkpoint file, or from a --save-dir's latest one"
+    )
+    parser.add_argument("--wandb", action="store_true", help="log to Weights & Biases (rank 0 only)")
+    parser.add_argument("--wandb-project", default="lowrank-optim-pretrain", help="wandb project")
+    parser.add_argument(
+        "--wandb-mode", default=None, choices=["online", "offline", "disabled"], help="None: WANDB_MODE or online"
+    )
+    parser.add_argument("--wandb-dir", default=None, help="where wandb/ goes (None: WANDB_DIR or the current one)")
+    parser.add_argument(
+        "--ddp", action="store_true", help="data parallel under torchrun (gloo on CPU, nccl on CUDA)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument(
         "--threads",
@@ -411,9 +770,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.seq_len = shape.seq_len
     if args.rank is None:
         args.rank = shape.galore_rank
-    for flag in ("steps", "batch_size", "seq_len", "eval_batches", "update_proj_gap", "rank"):
+    for flag in ("steps", "batch_size", "seq_len", "eval_batches", "update_proj_gap", "rank", "grad_accum"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.save_every and not args.save_dir:
+        parser.error("--save-every needs --save-dir")
+    try:
+        args.opt_args = parse_opt_args(args.opt_arg, args.optimizers)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -421,22 +786,27 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    corpus = load_corpus(args.data, args.corpus_bytes, min_split=args.seq_len)
-    print(
-        f"model {args.model}, {args.steps} steps x {args.batch_size} x {args.seq_len} bytes; "
-        f"corpus: {corpus.source}, {len(corpus.train):,} train / {len(corpus.validation):,} validation bytes; "
+    dist_info = init_distributed(args)
+    log = print if dist_info.is_main else (lambda *_, **__: None)
+    corpus = load_data(args)
+    log(
+        f"model {args.model} ({args.dtype}), {args.steps} steps x {args.grad_accum} x {args.batch_size} x "
+        f"{args.seq_len} tokens x {dist_info.world_size} processes; corpus: {corpus.source}, "
+        f"{len(corpus.train):,} train / {len(corpus.validation):,} validation tokens; "
         f"device {args.device}, {torch.get_num_threads()} threads",
         flush=True,  # before the progress bars, which go to stderr
     )
-    warm_up(args)
-    results = [train_one(name, args, corpus) for name in args.optimizers]
+    warm_up(args, corpus.vocab_size)
+    results = [train_one(name, args, corpus, dist_info) for name in args.optimizers]
     adamw = next((r for r in results if r["optimizer"] == "adamw"), None)
     for r in results:
         r["state_ratio_vs_adamw"] = r["state_bytes"] / adamw["state_bytes"] if adamw else None
-    print(format_table(results))
-    if args.out:
+    log(format_table(results))
+    if args.out and dist_info.is_main:
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
-        print(f"results written to {args.out}")
+        log(f"results written to {args.out}")
+    if args.ddp:
+        torch.distributed.destroy_process_group()
     return results
 
 

@@ -121,3 +121,164 @@ def test_readme_main_command_runs_in_short_form():
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith(("adamw ", "galore_adamw "))]
     assert len(rows) == 2
+
+
+# ---------------------------------------------------------------------------- the training loop's flags
+#: A very short run of one optimizer, without progress bars: each test adds the flags it checks.
+SHORT = ["--quick", "--steps", "4", "--no-progress", "--eval-batches", "1", "--batch-size", "4"]
+
+
+def run_quiet(pretrain, argv: list[str]) -> list[dict]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return pretrain.main(argv)
+
+
+def saved_weights(save_dir: Path, optimizer: str, step: int) -> dict[str, torch.Tensor]:
+    path = save_dir / optimizer / f"step_{step:07d}.pt"
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_resume_equals_the_uninterrupted_run(pretrain, tmp_path):
+    """6 steps straight == 3 steps, checkpoint, resume, 3 steps: the checkpoint falls in the
+    middle of a GaLore refresh period (every 4 steps), so the basis and moments must come back."""
+    run = SHORT + ["--steps", "6", "--optimizers", "galore_adamw", "--update-proj-gap", "4", "--save-every", "3"]
+    run += ["--opt-arg", "galore_adamw:rank=8,scale=0.5"]
+    run_quiet(pretrain, run + ["--save-dir", str(tmp_path / "straight")])
+    halfway = tmp_path / "straight" / "galore_adamw" / "step_0000003.pt"
+    resumed = run_quiet(pretrain, run + ["--save-dir", str(tmp_path / "resumed"), "--resume", str(halfway)])
+    straight = saved_weights(tmp_path / "straight", "galore_adamw", 6)
+    again = saved_weights(tmp_path / "resumed", "galore_adamw", 6)
+    assert straight.keys() == again.keys()
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
+    assert not (tmp_path / "resumed" / "galore_adamw" / "step_0000003.pt").exists()  # it really resumed
+    # the step-3 weights differ from the final ones, so the comparison above is not vacuous
+    at_3 = saved_weights(tmp_path / "straight", "galore_adamw", 3)
+    assert not all(torch.equal(at_3[k], straight[k]) for k in straight)
+    assert math.isfinite(resumed[0]["val_loss"])
+
+
+def test_resume_from_a_directory_takes_the_latest_checkpoint(pretrain, tmp_path):
+    run_quiet(pretrain, SHORT + ["--optimizers", "adamw", "--save-dir", str(tmp_path), "--save-every", "3"])
+    # every 3 steps and after the last (4th)
+    assert sorted(p.name for p in (tmp_path / "adamw").iterdir()) == ["step_0000003.pt", "step_0000004.pt"]
+    assert pretrain.find_checkpoint(str(tmp_path), "adamw").name == "step_0000004.pt"
+    with pytest.raises(FileNotFoundError, match="galore_adamw"):
+        pretrain.find_checkpoint(str(tmp_path), "galore_adamw")
+    adamw_checkpoint = str(tmp_path / "adamw" / "step_0000003.pt")
+    with pytest.raises(ValueError, match="a checkpoint of adamw, not of galore_adamw"):
+        run_quiet(pretrain, SHORT + ["--optimizers", "galore_adamw", "--resume", adamw_checkpoint])
+
+
+def test_grad_accumulation_runs_and_changes_the_result(pretrain):
+    plain = run_quiet(pretrain, SHORT + ["--optimizers", "galore_adamw"])[0]
+    accumulated = run_quiet(pretrain, SHORT + ["--optimizers", "galore_adamw", "--grad-accum", "2"])[0]
+    assert math.isfinite(accumulated["val_loss"]) and accumulated["val_loss"] != plain["val_loss"]
+
+
+def test_grad_accumulation_averages_the_micro_batch_gradients(pretrain):
+    """Two micro-batches of 2 give the gradient of one batch of 4 (up to float rounding)."""
+    torch.manual_seed(0)
+    model = pretrain.build_model("tiny", 16)
+    batch = torch.randint(0, 256, (4, 16))
+    pretrain.accumulate_gradients(model, list(batch.split(2)), pretrain.Distributed())
+    accumulated = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(input_ids=batch, labels=batch).loss.backward()
+    for a, p in zip(accumulated, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_clip_grad_and_bf16_run(pretrain):
+    clipped = run_quiet(pretrain, SHORT + ["--optimizers", "adamw", "--clip-grad", "0.01"])[0]
+    plain = run_quiet(pretrain, SHORT + ["--optimizers", "adamw"])[0]
+    assert math.isfinite(clipped["val_loss"]) and clipped["val_loss"] != plain["val_loss"]
+    bf16 = run_quiet(pretrain, SHORT + ["--dtype", "bf16"])
+    for r in bf16:
+        assert math.isfinite(r["val_loss"]) and r["val_loss"] < r["initial_val_loss"]
+    # bf16 weights make bf16 moments: half AdamW's fp32 state (but for its fp32 step counters)
+    assert 0.49 < bf16[0]["state_bytes"] / clipped["state_bytes"] < 0.51
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npy", ".bin"])
+def test_tokenized_dataset_files(pretrain, tmp_path, suffix):
+    import numpy as np
+
+    ids = torch.randint(0, 1000, (5000,), generator=torch.Generator().manual_seed(0))
+    path = tmp_path / f"tokens{suffix}"
+    if suffix == ".pt":
+        torch.save(ids, path)
+    elif suffix == ".npy":
+        np.save(path, ids.numpy().astype(np.int32))
+    else:
+        ids.numpy().astype("<u2").tofile(path)
+    corpus = pretrain.load_tokenized(str(path), 0.1, min_split=64)
+    assert corpus.vocab_size == int(ids.max()) + 1
+    assert [int(t) for t in corpus.train[:10]] == ids[:10].tolist() and len(corpus.validation) == 500
+    assert pretrain.windows(corpus.train, [3], 5).tolist() == [ids[3:8].tolist()]
+    results = run_quiet(pretrain, SHORT + ["--optimizers", "galore_adamw", "--tokenized", str(path)])
+    assert results[0]["parameters"] > 131_904  # a 1000-token vocabulary, not 256 bytes
+    assert math.isfinite(results[0]["val_loss"])
+
+
+def test_wandb_offline_writes_its_run(pretrain, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_quiet(pretrain, SHORT + ["--steps", "2", "--optimizers", "adamw", "--wandb"])
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), list((tmp_path / "wandb").iterdir())
+
+
+def test_opt_args_are_typed_and_bad_keys_list_the_valid_ones(pretrain, capsys):
+    parsed = pretrain.parse_opt_args(
+        ["galore_adamw:rank=64,scale=0.25,betas=(0.9,0.95)", "weight_decay=0.1"], ["adamw", "galore_adamw"]
+    )
+    assert parsed == {
+        "adamw": {"weight_decay": 0.1},
+        "galore_adamw": {"rank": 64, "scale": 0.25, "betas": (0.9, 0.95), "weight_decay": 0.1},
+    }
+    with pytest.raises(SystemExit):
+        pretrain.main(SHORT + ["--opt-arg", "galore_adamw:rnk=3"])
+    error = capsys.readouterr().err
+    assert "galore_adamw has no option 'rnk'" in error and "rank, density, update_proj_gap" in error
+    with pytest.raises(ValueError, match="expected a tuple"):
+        pretrain.parse_opt_args(["betas=0.9"], ["adamw"])
+    with pytest.raises(ValueError, match="not in --optimizers"):
+        pretrain.parse_opt_args(["fira_adamw:rank=3"], ["adamw"])
+
+
+def test_paper_shapes_include_7b(pretrain):
+    assert pretrain.MODEL_SHAPES["7b"][:4] == (4096, 11008, 32, 32)
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One torchrun-like process: the env vars torchrun would set, then the script's main."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location("bench_pretrain_ddp", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = SHORT + ["--steps", "3", "--optimizers", "galore_adamw", "--ddp", "--device", "cpu", "--grad-accum", "2"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        results = module.main(argv + ["--save-dir", out_dir, "--save-every", "3"])
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def test_ddp_ranks_end_with_the_same_weights(pretrain, tmp_path):
+    """Two gloo processes draw different batches yet, DDP averaging their gradients, end
+    identical: their validation losses agree bit for bit and differ from one process's."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text())[0] for r in (0, 1))
+    assert rank0["val_loss"] == rank1["val_loss"]
+    checkpoint = torch.load(tmp_path / "galore_adamw" / "step_0000003.pt", weights_only=True)
+    assert len(checkpoint["rng"]) == 2  # both ranks' batch streams, written by rank 0 only
+    single = run_quiet(pretrain, SHORT + ["--steps", "3", "--optimizers", "galore_adamw", "--grad-accum", "2"])[0]
+    assert single["val_loss"] != rank0["val_loss"]
