@@ -54,6 +54,7 @@ setup(
             "accelerate>=1.0",
             "tqdm",
             "matplotlib",
+            "wandb",
         ],
         "bench": ["tqdm", "transformers>=5.23"],
         "transformers": ["transformers>=5.23,<6", "accelerate>=1.0"],
