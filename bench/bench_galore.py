@@ -47,6 +47,7 @@ from typing import Callable
 import torch
 
 import lowrank_optim
+from lowrank_optim.memory import state_bytes
 from lowrank_optim.projectors import REGISTRY
 
 with warnings.catch_warnings():  # galore_torch imports transformers, which may warn on import
@@ -269,33 +270,6 @@ def step_contenders(rank: int, lr: float) -> list[StepContender]:
         # On CPU the default resolves to the for-loop implementation too; on CUDA to foreach.
         StepContender("torch AdamW default", dense(), low_rank=False),
     ]
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Memory the optimizer state holds: every tensor reachable from ``optimizer.state``,
-    including inside objects (galore_torch and fira keep a projector object there), counted
-    by the storage it keeps alive and each storage once.  A basis sliced from a full SVD
-    factor keeps the whole factor: this counts what the allocator holds, not the slice."""
-    seen, total = set(), 0
-
-    def walk(value):
-        nonlocal total
-        if isinstance(value, torch.Tensor):
-            storage = value.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v)
-        elif hasattr(value, "__dict__"):
-            walk(vars(value))
-
-    walk(dict(optimizer.state))
-    return total
 
 
 def fresh_params(shapes, grads, device) -> list[torch.nn.Parameter]:

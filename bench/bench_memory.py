@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 
 import lowrank_optim as lo
-from bench_galore import MODELS, llama_stack, state_bytes, write_results  # bench/ is on sys.path
+from bench_galore import MODELS, llama_stack, write_results  # bench/ is on sys.path
+from lowrank_optim.memory import state_bytes_per_param
 
 BLOCK_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -71,10 +72,7 @@ def measure(make, shapes, names) -> tuple[dict[str, int], int]:
         for i, p in enumerate(params):
             p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
         optimizer.step()
-    per_layer = {}
-    for name, p in zip(names, params):
-        single = type("View", (), {"state": {p: optimizer.state[p]}})()  # one parameter's state
-        per_layer[name] = state_bytes(single)
+    per_layer = state_bytes_per_param(optimizer, list(zip(names, params)))
     weights = sum(p.untyped_storage().nbytes() for p in params)
     return per_layer, weights
 

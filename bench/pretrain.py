@@ -53,6 +53,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lowrank_optim
+from lowrank_optim.memory import state_bytes  # bytes the optimizer state keeps alive
 
 VOCAB_SIZE = 256  # one token per byte value (unless --tokenized)
 
@@ -334,22 +335,6 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.1):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in ``optimizer.state``, recursing into nested containers
-    (our optimizers keep the projector's basis in ``state[p]["projector"]``)."""
-
-    def size(value) -> int:
-        if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(size(v) for v in value.values())
-        if isinstance(value, (list, tuple)):
-            return sum(size(v) for v in value)
-        return 0
-
-    return sum(size(s) for s in optimizer.state.values())
 
 
 @torch.no_grad()

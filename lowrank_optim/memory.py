@@ -107,6 +107,7 @@ __all__ = [
     "estimate",
     "paper_table",
     "measure",
+    "state_bytes",
     "state_bytes_per_param",
     "plot",
     "main",
@@ -427,9 +428,18 @@ def _walk_storages(value, seen: set, out: list) -> None:
         _walk_storages(vars(value), seen, out)
 
 
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes the whole ``optimizer.state`` keeps alive: every tensor reachable from it (inside
+    nested dicts and projector objects too), counted by its storage, each storage once, so a
+    basis that is a view of a full SVD factor counts the whole factor."""
+    sizes: list[int] = []
+    _walk_storages(dict(optimizer.state), set(), sizes)
+    return sum(sizes)
+
+
 def state_bytes_per_param(optimizer: torch.optim.Optimizer, named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, int]:
     """Bytes of ``optimizer.state[p]`` per parameter, by storage, each storage counted once
-    across the whole optimizer (like bench/bench_galore.py's ``state_bytes``): a storage
+    across the whole optimizer (as :func:`state_bytes`): a storage
     shared by several parameters (bitsandbytes' qmaps) counts for the first one only."""
     seen: set = set()
     out = {}

@@ -45,7 +45,6 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
-from ..projectors import quantized  # noqa: F401  (registers the "int4" projector)
 from ..projectors.base import CLOCK
 from ..quant.int8_linear import dequantize_int8, quantize_int8, stochastic_round_generator
 from .galore import GaLoreAdamW8bit
