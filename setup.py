@@ -15,7 +15,10 @@ def cuda_extensions():
     import os
 
     mode = os.environ.get("LOWRANK_OPTIM_BUILD_EXT", "auto")
-    sources = sorted(str(p) for p in (HERE / "csrc").glob("*.c[up]*"))
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"setup.py: LOWRANK_OPTIM_BUILD_EXT must be auto, 0 or 1, got {mode!r}")
+    # Translation units only (a header in csrc/ is not a source).
+    sources = sorted(str(p.relative_to(HERE)) for pattern in ("*.cu", "*.cpp") for p in (HERE / "csrc").glob(pattern))
     if mode == "0" or not sources:
         return [], {}
     try:
@@ -27,7 +30,17 @@ def cuda_extensions():
         return [], {}
     if mode == "auto" and (CUDA_HOME is None or torch.version.cuda is None):
         return [], {}
-    ext = CUDAExtension("lowrank_optim._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    if mode == "1" and (CUDA_HOME is None or torch.version.cuda is None):
+        raise RuntimeError(
+            "setup.py: LOWRANK_OPTIM_BUILD_EXT=1 needs a CUDA toolkit and a CUDA build of torch "
+            f"(CUDA_HOME={CUDA_HOME}, torch.version.cuda={torch.version.cuda})"
+        )
+    ext = CUDAExtension(
+        "lowrank_optim._C",  # a plain library loaded by lowrank_optim/kernels/extension.py
+        sources,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},  # torch picks the C++ standard its headers need (C++20 in 2.13)
+        libraries=["cublas", "cusolver"],  # the batched randomized SVD calls them directly
+    )
     return [ext], {"build_ext": BuildExtension}
 
 
@@ -55,6 +68,9 @@ setup(
             "tqdm",
             "matplotlib",
             "wandb",
+            # The Triton INT4 kernel's tests run it on CPU under TRITON_INTERPRET=1; the
+            # wheels are Linux-only, and elsewhere those tests skip.
+            "triton; platform_system == 'Linux'",
         ],
         "bench": ["tqdm", "transformers>=5.23"],
         "transformers": ["transformers>=5.23,<6", "accelerate>=1.0"],

@@ -18,6 +18,14 @@ Schemas (flat layouts; ``numel`` is the true element count, groups are padded):
   Tensor zeros)``: ``noise`` uniform [0, 1) for stochastic rounding, None for nearest.
 - ``int8_dequantize(Tensor codes, Tensor scales, Tensor zeros, int group_size, ScalarType
   dtype) -> Tensor``.
+- ``int4_project(Tensor grad, Tensor packed, Tensor scales, Tensor zeros, int rows, int cols,
+  int group_size, bool left) -> Tensor``: P^T G (``left``, basis P is rows x cols = m x r) or
+  G Q^T (basis Q is r x n) against an INT4-stored basis; fp32 accumulation, ``grad``'s dtype.
+- ``int4_project_back(Tensor low, Tensor packed, Tensor scales, Tensor zeros, int rows, int
+  cols, int group_size, bool left) -> Tensor``: P N (``left``) or N Q.
+
+The compiled extension (``lowrank_optim._C``, see :mod:`lowrank_optim.kernels.extension`
+and docs/kernels.md) is loaded at the end of this module.
 """
 from __future__ import annotations
 
@@ -106,3 +114,74 @@ def int8_dequantize(
 @int8_dequantize.register_fake
 def _(codes, scales, zeros, group_size, dtype):
     return codes.new_empty(codes.shape, dtype=dtype)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::int4_project", mutates_args=())
+def int4_project(
+    grad: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    rows: int,
+    cols: int,
+    group_size: int,
+    left: bool,
+) -> torch.Tensor:
+    return reference.int4_project(grad, packed, scales, zeros, rows, cols, group_size, left)
+
+
+@int4_project.register_fake
+def _(grad, packed, scales, zeros, rows, cols, group_size, left):
+    shape = (cols, grad.shape[1]) if left else (grad.shape[0], rows)
+    return grad.new_empty(shape)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::int4_project_back", mutates_args=())
+def int4_project_back(
+    low: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    rows: int,
+    cols: int,
+    group_size: int,
+    left: bool,
+) -> torch.Tensor:
+    return reference.int4_project_back(low, packed, scales, zeros, rows, cols, group_size, left)
+
+
+@int4_project_back.register_fake
+def _(low, packed, scales, zeros, rows, cols, group_size, left):
+    shape = (rows, low.shape[1]) if left else (low.shape[0], cols)
+    return low.new_empty(shape)
+
+
+# ---------------------------------------------------------------------------- randomized SVD
+# ``batched_randomized_svd(Tensor matrices, Tensor omega, int rank, int power_iters)
+# -> (Tensor U, Tensor Vh)``: matrices (b, m, n) fp32, omega (b, n, k) the Gaussian test
+# matrices (k = rank + oversampling, at most min(m, n)); U (b, m, rank), Vh (b, rank, n).
+# The caller draws omega, so each parameter keeps its own seeded generator and a batched
+# call equals b single calls.  Math and citations: kernels/rsvd.py.
+from .kernels import rsvd as rsvd_kernels  # noqa: E402  (kept with the op it serves)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::batched_randomized_svd", mutates_args=())
+def batched_randomized_svd(
+    matrices: torch.Tensor, omega: torch.Tensor, rank: int, power_iters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return rsvd_kernels.batched_randomized_svd(matrices, omega, rank, power_iters)
+
+
+@batched_randomized_svd.register_fake
+def _(matrices, omega, rank, power_iters):
+    rsvd_kernels.check_inputs(matrices, omega, rank, power_iters)
+    batch, m, n = matrices.shape
+    return matrices.new_empty((batch, m, rank)), matrices.new_empty((batch, rank, n))
+
+
+# The compiled CUDA kernels, last: they override the defaults above for CUDA tensors (the
+# dispatcher prefers a backend kernel over CompositeExplicitAutograd whatever the order, but
+# loading after every schema keeps a schema mismatch an error at load, not at first call).
+from .kernels import extension as _extension  # noqa: E402
+
+_extension.load_extension()

@@ -1,4 +1,6 @@
-r"""Default pure-PyTorch kernels of the quantization ops (any device; the test oracle).
+r"""Default pure-PyTorch kernels of the quantization ops (any device; the test oracle),
+and of the INT4 projections (``int4_project``, ``int4_project_back``: dequantize, then an
+fp32 matmul).
 
 Layout shared by every op: a tensor is flattened, cut into groups of ``group_size``
 contiguous elements, and the last group is padded with zeros to a whole group (every
@@ -87,6 +89,52 @@ def int4_dequantize(
         codes = torch.nn.functional.pad(codes, (0, pad))
     values = (codes.view(-1, group_size) - zeros.float().unsqueeze(1)) * scales.float().unsqueeze(1)
     return values.reshape(-1)[:numel].to(dtype)
+
+
+def _int4_basis(packed, scales, zeros, rows: int, cols: int, group_size: int) -> torch.Tensor:
+    """The INT4-stored (rows x cols) basis, dequantized in fp32."""
+    return int4_dequantize(packed, scales, zeros, rows * cols, group_size, torch.float32).view(rows, cols)
+
+
+def int4_project(
+    grad: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    rows: int,
+    cols: int,
+    group_size: int,
+    left: bool,
+) -> torch.Tensor:
+    r"""Low-rank coordinates of ``grad`` (m x n) in the INT4-stored basis (rows x cols).
+
+    ``left``: the basis is P (m x r) and the result is :math:`P^\top G` (r x n); otherwise it
+    is Q (r x n) and the result is :math:`G Q^\top` (m x r).  Computed in fp32, returned in
+    ``grad``'s dtype.  This default kernel dequantizes the whole basis; the CUDA kernel
+    dequantizes tile by tile and never writes the dense basis to memory.
+    """
+    basis = _int4_basis(packed, scales, zeros, rows, cols, group_size)
+    g = grad.float()
+    low = basis.t() @ g if left else g @ basis.t()
+    return low.to(grad.dtype)
+
+
+def int4_project_back(
+    low: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    rows: int,
+    cols: int,
+    group_size: int,
+    left: bool,
+) -> torch.Tensor:
+    r"""Inverse map of :func:`int4_project`: :math:`P N` (``left``, N is r x n) or
+    :math:`N Q` (N is m x r), computed in fp32, returned in ``low``'s dtype."""
+    basis = _int4_basis(packed, scales, zeros, rows, cols, group_size)
+    n = low.float()
+    full = basis @ n if left else n @ basis
+    return full.to(low.dtype)
 
 
 def int8_quantize(

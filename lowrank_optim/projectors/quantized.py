@@ -4,8 +4,11 @@ Wraps a dense projector (``inner``: ``svd`` or ``rsvd``).  At a refresh the inne
 computes the basis in fp32; only its INT4 quantization is kept (packed codes, two per
 byte, plus a per-group fp32 scale and uint8 zero point, see
 :mod:`lowrank_optim.kernels.reference`) and every :meth:`project`/:meth:`project_back`
-dequantizes it through ``torch.ops.lowrank_optim.int4_dequantize``.  No dense basis is
-stored: about 0.52 bytes per basis element against the reference's 1.03.
+multiplies by it straight from the codes through ``torch.ops.lowrank_optim.int4_project`` /
+``int4_project_back`` (fp32 accumulation; the CUDA kernel dequantizes tile by tile, so not
+even a transient dense basis is written).  No dense basis is stored: about 0.52 bytes per
+basis element against the reference's 1.03.  :meth:`bases` still dequantizes, for what
+needs the dense matrices (moment transitions, the refresh similarity).
 
 Lazy refresh, per layer.  With :math:`v_k` the leading singular vector at refresh k (the
 first column of P, or the first row of Q),
@@ -144,6 +147,36 @@ class QuantizedProjector(Projector):
         if "right_codes" in pstate:
             right = self._dequantize(pstate, "right", (rank, cols), like.dtype)
         return left, right
+
+    def project(self, grad: torch.Tensor, pstate: dict) -> torch.Tensor:
+        """P^T G, G Q^T or P^T G Q^T, straight from the INT4 codes."""
+        low = grad
+        for side in ("left", "right"):
+            if f"{side}_codes" in pstate:
+                low = torch.ops.lowrank_optim.int4_project(low, *self._stored(pstate, side))
+        return low
+
+    def project_back(self, low: torch.Tensor, pstate: dict) -> torch.Tensor:
+        """P N, N Q or P N Q, straight from the INT4 codes."""
+        full = low
+        for side in ("left", "right"):
+            if f"{side}_codes" in pstate:
+                full = torch.ops.lowrank_optim.int4_project_back(full, *self._stored(pstate, side))
+        return full
+
+    def _stored(self, pstate: dict, side: str) -> tuple:
+        """The arguments that describe one stored basis to the INT4 projection ops:
+        (packed, scales, zeros, rows, cols, group_size, left)."""
+        rank, rows, cols = pstate["rank"], pstate["rows"], pstate["cols"]
+        shape = (rows, rank) if side == "left" else (rank, cols)
+        return (
+            pstate[f"{side}_codes"],
+            pstate[f"{side}_scales"],
+            pstate[f"{side}_zeros"],
+            *shape,
+            self.group_size,
+            side == "left",
+        )
 
     def _dequantize(self, pstate: dict, side: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         return dequantize_int4(

@@ -1,10 +1,13 @@
 """Randomized SVD projector (Halko, Martinsson & Tropp 2011, algorithms 4.4 and 5.1)."""
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 
+from .. import ops  # noqa: F401  (defines torch.ops.lowrank_optim.batched_randomized_svd)
 from .._validate import int_at_least
-from .base import Projector, orthonormal_columns, register_projector
+from .base import Projector, register_projector
 from .svd import select_sides
 
 
@@ -22,6 +25,9 @@ class RandomizedSVDProjector(Projector):
     power iterations keeps the small singular directions from being lost to rounding.
     Omega comes from a generator seeded by the parameter's position and the refresh count,
     so every data-parallel rank computes the same basis from the same reduced gradient.
+    The work runs in the ``batched_randomized_svd`` op (CholeskyQR2 with a Householder
+    fallback, see :mod:`lowrank_optim.kernels.rsvd`); :meth:`compute_bases_batch` refreshes
+    many parameters in one call.
 
     Options (``projector_args``): ``oversample`` p (default 8), ``power_iters`` q (default 2).
     """
@@ -31,25 +37,56 @@ class RandomizedSVDProjector(Projector):
     option_checks = {"oversample": int_at_least(0), "power_iters": int_at_least(0)}
 
     def compute_bases(self, matrix: torch.Tensor, pstate: dict) -> dict[str, torch.Tensor]:
-        u, vh = randomized_svd(
-            matrix,
-            pstate["rank"],
-            self.oversample,
-            self.power_iters,
-            self.generator(pstate["seed"], pstate["refreshes"], matrix.device),
-        )
-        return select_sides(self, pstate, u, vh)
+        return self.compute_bases_batch([matrix], [pstate])[0]
+
+    def compute_bases_batch(self, matrices: list[torch.Tensor], pstates: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """:meth:`compute_bases` for many parameters refreshing at the same step.
+
+        Matrices of the same shape, rank and device go through one batched op call; each
+        one's Omega is drawn from its own parameter's generator exactly as a single
+        :meth:`compute_bases` would draw it, so the result equals one call per parameter
+        (up to the rounding of batched GEMMs).  Returns the bases in the order given.
+        """
+        if len(matrices) != len(pstates):
+            raise ValueError(f"{type(self).__name__}: {len(matrices)} matrices but {len(pstates)} states")
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, (matrix, pstate) in enumerate(zip(matrices, pstates)):
+            groups[(tuple(matrix.shape), pstate["rank"], matrix.device)].append(index)
+        bases: list[dict[str, torch.Tensor] | None] = [None] * len(matrices)
+        for (_, rank, device), members in groups.items():
+            omegas = [
+                sketch_matrix(
+                    matrices[i].shape, rank, self.oversample,
+                    self.generator(pstates[i]["seed"], pstates[i]["refreshes"], device), device,
+                )
+                for i in members
+            ]
+            u, vh = torch.ops.lowrank_optim.batched_randomized_svd(
+                stack([matrices[i] for i in members]), stack(omegas), rank, self.power_iters
+            )
+            for slot, i in enumerate(members):
+                bases[i] = select_sides(self, pstates[i], u[slot], vh[slot])
+        return bases
+
+
+def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``, but a single tensor becomes a view (no copy of a whole gradient)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def sketch_matrix(
+    shape: torch.Size | tuple[int, int], rank: int, oversample: int, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """The Gaussian test matrix Omega (n x k), k = min(rank + oversample, m, n), fp32."""
+    m, n = shape
+    width = min(rank + oversample, m, n)
+    return torch.randn(n, width, generator=generator, device=device, dtype=torch.float32)
 
 
 def randomized_svd(
     matrix: torch.Tensor, rank: int, oversample: int, power_iters: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(U_r, V_r^T) approximating the top-``rank`` singular vectors of ``matrix`` (fp32)."""
-    m, n = matrix.shape
-    width = min(rank + oversample, m, n)
-    omega = torch.randn(n, width, generator=generator, device=matrix.device, dtype=matrix.dtype)
-    basis = orthonormal_columns(matrix @ omega)
-    for _ in range(power_iters):
-        basis = orthonormal_columns(matrix @ orthonormal_columns(matrix.t() @ basis))
-    u_small, _, vh = torch.linalg.svd(basis.t() @ matrix, full_matrices=False)
-    return (basis @ u_small)[:, :rank], vh[:rank]
+    omega = sketch_matrix(matrix.shape, rank, oversample, generator, matrix.device)
+    u, vh = torch.ops.lowrank_optim.batched_randomized_svd(matrix.unsqueeze(0), omega.unsqueeze(0), rank, power_iters)
+    return u[0], vh[0]
