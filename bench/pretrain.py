@@ -13,6 +13,7 @@ As a pretraining loop (one optimizer, its hyperparameters, checkpoints, several 
         --clip-grad 1.0 --tokenized tokens.bin --save-dir ckpt --save-every 1000 --wandb
     python bench/pretrain.py ... --resume ckpt                 # continue where ckpt stopped
     torchrun --nproc_per_node 2 bench/pretrain.py --ddp ...    # data parallel (gloo on CPU)
+    torchrun --nproc_per_node 2 bench/pretrain.py --fsdp ...   # sharded: FSDP2 (fully_shard)
 
 ``--tokenized PATH`` reads token ids already on disk, in one of three formats, and holds out
 the last ``--validation-fraction`` of them: a 1-D integer tensor written with ``torch.save``
@@ -53,6 +54,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lowrank_optim
+from lowrank_optim.distributed import local_state
 from lowrank_optim.memory import state_bytes  # bytes the optimizer state keeps alive
 
 VOCAB_SIZE = 256  # one token per byte value (unless --tokenized)
@@ -364,7 +366,7 @@ def warm_up(args: argparse.Namespace, vocab_size: int = VOCAB_SIZE) -> None:
 
 # ---------------------------------------------------------------------------- distributed
 class Distributed(NamedTuple):
-    """This process's place in a ``torchrun`` job (rank 0 of 1 without ``--ddp``)."""
+    """This process's place in a ``torchrun`` job (rank 0 of 1 without ``--ddp``/``--fsdp``)."""
 
     rank: int = 0
     world_size: int = 1
@@ -375,9 +377,10 @@ class Distributed(NamedTuple):
 
 
 def init_distributed(args: argparse.Namespace) -> Distributed:
-    """With ``--ddp``, join the process group that ``torchrun`` describes in RANK, WORLD_SIZE,
-    MASTER_ADDR and MASTER_PORT: gloo on CPU, nccl on CUDA, each process on its LOCAL_RANK GPU."""
-    if not args.ddp:
+    """With ``--ddp`` or ``--fsdp``, join the process group that ``torchrun`` describes in RANK,
+    WORLD_SIZE, MASTER_ADDR and MASTER_PORT: gloo on CPU, nccl on CUDA, each process on its
+    LOCAL_RANK GPU."""
+    if not (args.ddp or args.fsdp):
         return Distributed()
     if torch.device(args.device).type == "cuda":
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -402,6 +405,18 @@ def gather(obj: Any, dist_info: Distributed) -> list:
 # ---------------------------------------------------------------------------- checkpoints
 def checkpoint_path(directory: str, optimizer_name: str, step: int) -> Path:
     return Path(directory) / optimizer_name / f"step_{step:07d}.pt"
+
+
+def sharded_part(path: Path) -> Path:
+    """The directory beside ``step_N.pt`` that holds an FSDP2 run's sharded model and
+    optimizer state (``torch.distributed.checkpoint``: one file per rank)."""
+    return path.with_suffix(".dcp")
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def find_checkpoint(resume: str, optimizer_name: str) -> Path:
@@ -429,14 +444,24 @@ def save_checkpoint(
     path: Path, optimizer_name: str, model, optimizer, scheduler, batch_stream, progress: dict, dist_info: Distributed
 ) -> None:
     """Everything the run depends on, through ``torch.save`` (loadable with weights_only=True).
-    Every rank must call this: rank 0 writes, with every rank's RNG state."""
+    Every rank must call this: rank 0 writes, with every rank's RNG state.  Under FSDP2 the
+    model and optimizer go to the directory :func:`sharded_part` names instead, every rank
+    writing its own shards with ``torch.distributed.checkpoint``."""
     rng = gather(rng_state(batch_stream), dist_info)
+    sharded = is_sharded(model)
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=sharded_part(path))
     if not dist_info.is_main:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    weights = {} if sharded else {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     checkpoint = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        **weights,
+        "sharded": sharded,
         "scheduler": scheduler.state_dict(),
         "rng": rng,
         "optimizer_name": optimizer_name,
@@ -461,8 +486,19 @@ def load_checkpoint(
             f"--resume {str(path)!r} was saved by {len(checkpoint['rng'])} processes; resume it with as many, "
             f"not {dist_info.world_size}"
         )
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint.get("sharded"):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        # DCP loads into a state dict of the right structure: the fresh one of this run
+        # (get_state_dict first initialises the optimizer's state with a zero-lr step).
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=sharded_part(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    else:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     rng = checkpoint["rng"][dist_info.rank]
     batch_stream.set_state(rng["batch_stream"])
@@ -491,14 +527,42 @@ def start_wandb(optimizer_name: str, args: argparse.Namespace, dist_info: Distri
 
 
 # ---------------------------------------------------------------------------- training loop
+def shard_model(model: LlamaForCausalLM) -> None:
+    """FSDP2: each decoder layer is one unit (its parameters are all-gathered for its forward
+    and backward only), the embeddings, final norm and head form the root unit.  Every
+    parameter becomes a DTensor holding this rank's rows; the optimizer is built after."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def gradient_sync_off(model) -> contextlib.AbstractContextManager:
+    """Accumulate a micro-batch's gradient locally, without the cross-rank reduction."""
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+
+    @contextlib.contextmanager
+    def fsdp_no_sync():  # FSDP2 has a switch instead of a context
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    return fsdp_no_sync()
+
+
 def accumulate_gradients(model, micro_batches: list[torch.Tensor], dist_info: Distributed) -> torch.Tensor:
     """Backward over the micro-batches of one optimizer step; returns their mean loss.
     Each loss is divided by their number, so the summed gradient is that of the mean loss,
-    as one batch of all of them would give. Under DDP only the last backward all-reduces."""
+    as one batch of all of them would give. Under DDP or FSDP2 only the last backward
+    reduces the gradients across ranks."""
     losses = []
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or dist_info.world_size == 1 else model.no_sync()
+        sync = contextlib.nullcontext() if last or dist_info.world_size == 1 else gradient_sync_off(model)
         with sync:
             loss = model(input_ids=batch, labels=batch).loss / len(micro_batches)
             loss.backward()
@@ -514,6 +578,8 @@ def train_one(
     device = torch.device(args.device)
     torch.manual_seed(args.seed)  # the same initial weights for every optimizer and every rank
     model = build_model(args.model, args.seq_len, corpus.vocab_size).to(device, DTYPES[args.dtype])
+    if args.fsdp:
+        shard_model(model)  # before the optimizer, which must see the sharded parameters
     optimizer = make_optimizer(optimizer_name, model, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup, args.steps))
     # The same batches for every optimizer; each rank its own stream, i.e. its own share of the data.
@@ -589,11 +655,16 @@ def train_one(
         "initial_val_loss": progress_state["initial_val_loss"],
         "val_loss": final_val_loss,
         "eval_history": eval_history,
-        "state_bytes": state_bytes(optimizer),
+        "state_bytes": state_bytes(optimizer) if not args.fsdp else rank_state_bytes(optimizer),
         "optimizer_step_ms": 1000 * optimizer_seconds / steps_run,
         "train_step_ms": 1000 * train_seconds / steps_run,
         "parameters": count_parameters(model),
     }
+
+
+def rank_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state on this rank: its blocks of the sharded tensors (FSDP2)."""
+    return state_bytes(argparse.Namespace(state=local_state(optimizer.state)))
 
 
 # ---------------------------------------------------------------------------- report
@@ -723,8 +794,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--wandb-mode", default=None, choices=["online", "offline", "disabled"], help="None: WANDB_MODE or online"
     )
     parser.add_argument("--wandb-dir", default=None, help="where wandb/ goes (None: WANDB_DIR or the current one)")
-    parser.add_argument(
+    parallel = parser.add_mutually_exclusive_group()
+    parallel.add_argument(
         "--ddp", action="store_true", help="data parallel under torchrun (gloo on CPU, nccl on CUDA)"
+    )
+    parallel.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="FSDP2 (fully_shard) under torchrun: parameters, gradients and optimizer state sharded by rows",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument(
@@ -790,7 +867,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.out and dist_info.is_main:
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
         log(f"results written to {args.out}")
-    if args.ddp:
+    if args.ddp or args.fsdp:
         torch.distributed.destroy_process_group()
     return results
 

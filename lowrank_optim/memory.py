@@ -414,7 +414,9 @@ def paper_table(project_lm_head: bool = False) -> list[dict[str, Any]]:
 
 def _walk_storages(value, seen: set, out: list) -> None:
     if isinstance(value, torch.Tensor):
-        storage = value.untyped_storage()
+        from .distributed import local_tensor
+
+        storage = local_tensor(value).untyped_storage()  # a DTensor: this rank's block
         if storage.data_ptr() not in seen or storage.nbytes() == 0:
             seen.add(storage.data_ptr())
             out.append(storage.nbytes())

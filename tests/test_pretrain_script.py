@@ -282,3 +282,54 @@ def test_ddp_ranks_end_with_the_same_weights(pretrain, tmp_path):
     assert len(checkpoint["rng"]) == 2  # both ranks' batch streams, written by rank 0 only
     single = run_quiet(pretrain, SHORT + ["--steps", "3", "--optimizers", "galore_adamw", "--grad-accum", "2"])[0]
     assert single["val_loss"] != rank0["val_loss"]
+
+
+def _parallel_worker(rank: int, world_size: int, ports: list[int], out_dir: str) -> None:
+    """One torchrun-like process running the script with ``--ddp``, then with ``--fsdp``
+    (saving), then resuming that; each run on its own port, as three torchrun jobs would
+    be (a rank reconnecting to the same port could reach the previous job's store)."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location("bench_pretrain_parallel", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # proj_type=right: what "std" means under FSDP2 (the unsharded side), so the two agree.
+    argv = SHORT + ["--steps", "3", "--optimizers", "galore_adamw", "--device", "cpu", "--grad-accum", "2",
+                    "--opt-arg", "galore_adamw:proj_type=right"]
+    checkpoints = ["--save-dir", out_dir, "--save-every", "2"]
+    resume = ["--resume", str(Path(out_dir, "galore_adamw", "step_0000002.pt"))]
+    # each main() joins and leaves the process group
+    runs = (("ddp", ["--ddp"]), ("fsdp", ["--fsdp", *checkpoints]), ("resumed", ["--fsdp", *resume]))
+    for (run, flags), port in zip(runs, ports):
+        os.environ["MASTER_PORT"] = str(port)
+        with contextlib.redirect_stdout(io.StringIO()):
+            results = module.main(argv + flags)
+        Path(out_dir, f"{run}{rank}.json").write_text(json.dumps(results))
+
+
+def test_fsdp_trains_like_ddp_with_sharded_state_and_resumes(tmp_path):
+    """Two gloo processes under --fsdp end where --ddp ends (same batches, same optimizer),
+    each holds well under the optimizer state of a DDP rank, and a run resumed from the
+    sharded (DCP) checkpoint of step 2 ends exactly where the uninterrupted one does."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(3)]
+    for s in sockets:  # three distinct free ports, all held until each is known
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    torch.multiprocessing.spawn(_parallel_worker, args=(2, ports, str(tmp_path)), nprocs=2, join=True)
+    ddp, fsdp0, fsdp1 = (json.loads((tmp_path / f"{name}.json").read_text())[0] for name in ("ddp0", "fsdp0", "fsdp1"))
+    assert fsdp0["val_loss"] == fsdp1["val_loss"]
+    assert math.isclose(fsdp0["val_loss"], ddp["val_loss"], rel_tol=1e-5)
+    assert fsdp0["val_loss"] < fsdp0["initial_val_loss"]
+    # the moments are split by rows; each rank also keeps the (replicated) r x n bases
+    assert fsdp0["state_bytes"] < 0.7 * ddp["state_bytes"]
+    assert fsdp0["state_bytes"] + fsdp1["state_bytes"] > ddp["state_bytes"]
+    resumed = json.loads((tmp_path / "resumed0.json").read_text())[0]
+    assert resumed["val_loss"] == fsdp0["val_loss"]
+    assert (tmp_path / "galore_adamw" / "step_0000002.dcp").is_dir()  # the shards, beside the .pt
+    assert "model" not in torch.load(tmp_path / "galore_adamw" / "step_0000002.pt", weights_only=True)

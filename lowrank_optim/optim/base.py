@@ -19,6 +19,9 @@ For a parameter W with gradient G in a group with ``rank`` (a *projected* group)
 A group without ``rank`` skips the projection and runs the same moment rule on G, which for
 Adam is ``torch.optim.AdamW`` to the bit.  Learning rate, bias correction and weight decay
 live here and nowhere else; methods override the small hooks, never the loop.
+
+A sharded (FSDP2) parameter runs the same loop on this rank's rows: the refresh and the
+state's DTensor wrapping go through :mod:`lowrank_optim.distributed` (docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import _validate as V
+from .. import distributed
 from ..projectors import PROJ_TYPES, REGISTRY, Projector, RefreshFailed, is_projected, make_projector
 from ..projectors.base import CLOCK, Transition
 
@@ -116,6 +120,9 @@ class ParamStep(NamedTuple):
     state: dict
     group: dict
     projector: Projector
+    #: How the parameter is sharded (None: whole); the tensors above are this rank's
+    #: blocks, so a hook reducing over the whole matrix uses ``lowrank_optim.distributed``.
+    layout: distributed.ShardLayout | None = None
 
 
 class LowRankOptimizer(Optimizer):
@@ -139,6 +146,12 @@ class LowRankOptimizer(Optimizer):
     method_checks: ClassVar[dict[str, V.Check]] = ADAM_CHECKS
     #: State keys the moment rule owns (dropped by ``on_refresh="reset"``).
     moment_keys: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
+    #: Hooks *defined in this class* that are correct on one rank's rows of a sharded
+    #: (FSDP2) parameter; reductions over the whole matrix go through
+    #: ``lowrank_optim.distributed``.  Read from each class's own namespace: a method that
+    #: overrides a hook without listing it refuses sharded parameters.  The defaults here
+    #: (Adam, identity hooks) are element-wise.
+    shard_safe_hooks: ClassVar[tuple[str, ...]] = distributed.HOOKS
 
     def __init__(self, params: Iterable, **hyperparameters: Any):
         owner = type(self).__name__
@@ -195,6 +208,7 @@ class LowRankOptimizer(Optimizer):
             self.param_groups.pop()
             raise
         if self.layerwise:
+            distributed.check_layerwise(type(self).__name__)
             self._register_layerwise_hooks(group)
 
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
@@ -242,14 +256,24 @@ class LowRankOptimizer(Optimizer):
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         state = self.state[p]
-        if "step" not in state:
-            state["step"] = 0
-            if projector is not None:
-                state["projector"] = projector.init_state(p.shape, self._param_seed(p, group), self._group_slot(p, group))
-        grad = self.prepare_gradient(p, grad, state, group)
+        # A sharded (FSDP2) parameter steps on this rank's rows; see lowrank_optim.distributed.
+        with distributed.local_step(p, grad, state) as local:
+            if "step" not in state:
+                distributed.check_method(self, local.layout)
+                state["step"] = 0
+                if projector is not None:
+                    seed, slot = self._param_seed(p, group), self._group_slot(p, group)
+                    state["projector"] = distributed.init_projector_state(
+                        type(self).__name__, projector, p.shape, seed, slot, local.layout
+                    )
+            self._step_local(local, state, group, projector)
+
+    def _step_local(self, local: distributed.LocalStep, state: dict, group: dict, projector: Projector | None) -> None:
+        p, layout = local.param, local.layout
+        grad = self.prepare_gradient(p, local.grad, state, group)
         if projector is not None:
             pstate = state["projector"]
-            if projector.should_update(pstate) and not self._refresh(p, grad, group, state, projector):
+            if projector.should_update(pstate) and not self._refresh(p, grad, group, state, projector, layout):
                 return  # no usable basis this step: skip rather than corrupt the state
             low = projector.project(grad, pstate)
             projector.tick(pstate)
@@ -261,10 +285,10 @@ class LowRankOptimizer(Optimizer):
         state["step"] += 1
         update = self.moment_update(p, low, state, group)
         weight = self.open_weight(p, state, group)
-        self._apply_update(weight, grad, low, update, state, group, projector)
+        self._apply_update(weight, grad, low, update, state, group, projector, layout)
         self.close_weight(p, weight, state, group)
 
-    def _apply_update(self, p, grad, low, update: Update, state, group, projector) -> None:
+    def _apply_update(self, p, grad, low, update: Update, state, group, projector, layout=None) -> None:
         """Decoupled weight decay and the parameter update, in one place for every method.
 
         ``p`` is the tensor :meth:`open_weight` handed out: the parameter itself unless a
@@ -281,7 +305,7 @@ class LowRankOptimizer(Optimizer):
         else:
             # The basis has the gradient's dtype; fp32 rules (8-bit, Adafactor) cast down.
             low_direction = update.direction().to(grad.dtype)
-            step = ParamStep(p, grad, low, low_direction, state, group, projector)
+            step = ParamStep(p, grad, low, low_direction, state, group, projector, layout)
             if low.numel():  # an empty subspace (an inactive FRUGAL block) has no update
                 direction = projector.project_back(low_direction, state["projector"]).mul_(group["scale"])
                 direction = self.full_rank_direction(direction, step)
@@ -296,13 +320,13 @@ class LowRankOptimizer(Optimizer):
             else:
                 p.add_(p, alpha=-decay_lr * group["weight_decay"])
 
-    def _refresh(self, p, grad, group, state, projector: Projector) -> bool:
+    def _refresh(self, p, grad, group, state, projector: Projector, layout=None) -> bool:
         """New basis, then the moments per ``on_refresh``; False means skip this step."""
         pstate = state["projector"]
         had_basis = pstate["refreshes"] > 0
         old = dict(pstate)  # update() replaces entries, so this shallow copy is the old state
         try:
-            projector.update(grad, pstate)
+            distributed.refresh(projector, grad, pstate, layout)  # projector.update, shard-aware
         except RefreshFailed as err:
             self._warn_once(p, f"subspace refresh skipped, previous basis kept ({err})")
             return had_basis and not err.nonfinite_gradient

@@ -55,6 +55,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
+from .. import distributed
 from ..projectors import is_projected
 from .base import ADAM_CHECKS, ADAM_DEFAULTS, LowRankOptimizer, ParamStep
 
@@ -77,6 +78,9 @@ class FiraAdamW(LowRankOptimizer):
         "norm_growth_limit": 1.01,
         "reference_compat": False,
     }
+    # The column norms run over the rank dimension, which a sharded parameter keeps whole
+    # (its R is this rank's rows); the matrix norms and the limiter's sum over all ranks.
+    shard_safe_hooks = ("full_rank_direction",)
     method_checks = {
         **ADAM_CHECKS,
         "scaling": V.choice("column", "matrix"),
@@ -100,14 +104,17 @@ class FiraAdamW(LowRankOptimizer):
         if group["reference_compat"]:
             inside = inside * alpha  # the reference subtracts alpha * P R, not P R
         residual = (step.grad - inside).mul_(_norm_ratio(step))
-        residual = _limit_growth(residual, step.state, group)
+        residual = _limit_growth(residual, step.state, group, step.layout)
         return direction.add_(residual, alpha=1.0 if group["reference_compat"] else alpha)
 
 
-def _norm(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def _norm(x: torch.Tensor, dim: int | None = None, layout: distributed.ShardLayout | None = None) -> torch.Tensor:
+    """Norms along ``dim``, or of the whole matrix (over every rank's block when sharded)."""
     # Half-precision norms accumulate in fp32: the limiter's 1% threshold is finer than bf16.
     dtype = torch.promote_types(x.dtype, torch.float32)
-    return torch.linalg.vector_norm(x, dim=dim, keepdim=dim is not None, dtype=dtype)
+    if dim is None:
+        return distributed.global_norm(x, layout, dtype=dtype)
+    return torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=dtype)
 
 
 def _norm_ratio(step: ParamStep) -> torch.Tensor:
@@ -116,16 +123,16 @@ def _norm_ratio(step: ParamStep) -> torch.Tensor:
     if step.group["scaling"] == "column":
         _, right = step.projector.sides(step.state["projector"])
         dim = 1 if right else 0  # the rank dimension: G Q^T is m x r, P^T G is r x n
-    ratio = _norm(step.low_direction, dim) / (_norm(step.low, dim) + 1e-8)
+    ratio = _norm(step.low_direction, dim, step.layout) / (_norm(step.low, dim, step.layout) + 1e-8)
     return ratio.to(step.grad.dtype)
 
 
-def _limit_growth(residual: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+def _limit_growth(residual: torch.Tensor, state: dict, group: dict, layout=None) -> torch.Tensor:
     """Fira's norm-growth limiter: ||S|| at most γ times last step's (post-limit) ||S||."""
     gamma = group["norm_growth_limit"]
     if gamma is None:
         return residual
-    norm = _norm(residual)
+    norm = _norm(residual, layout=layout)
     previous = state.get("residual_norm")
     if previous is None:
         state["residual_norm"] = norm  # first step: nothing to compare with

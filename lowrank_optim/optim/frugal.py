@@ -71,6 +71,8 @@ class FrugalAdamW(LowRankOptimizer):
         "state_free": "signsgd",
         "inactive_lr_scale": 1.0,
     }
+    # Sign, complement and the basis's projections act row by row: nothing to reduce.
+    shard_safe_hooks = ("state_free_update",)
     method_checks = {
         **ADAM_CHECKS,
         "state_free": V.choice("signsgd", "sgd", "none"),

@@ -60,6 +60,12 @@ class Projector:
     """
 
     name: ClassVar[str]
+    #: The side a projector always uses (coordinate subsets), or None: chosen by ``proj_type``.
+    side: ClassVar[int | None] = None
+    #: Whether :meth:`update` reads the gradient's values.  A refresh that only advances a
+    #: seed (``random``, coordinate subsets) is the same on every rank without the
+    #: gradient, so a sharded parameter refreshes it with no communication.
+    refresh_reads_gradient: ClassVar[bool] = True
     #: Options the projector accepts through ``projector_args`` and their defaults.
     option_defaults: ClassVar[dict[str, Any]] = {}
     option_checks: ClassVar[dict[str, Check]] = {}

@@ -66,6 +66,7 @@ class CoordinateProjector(Projector):
     #: The dimension the indices select along (None: the flattened matrix).
     dim: ClassVar[int | None]
     side: ClassVar[int]
+    refresh_reads_gradient = False  # a seeded draw: no communication under sharding
 
     def length(self, shape: torch.Size) -> int:
         return shape[0] * shape[1] if self.dim is None else shape[self.dim]
@@ -112,7 +113,11 @@ class CoordinateProjector(Projector):
         shape, idx = pstate["shape"], self._indices(pstate, low)
         if self.dim is None:
             return low.new_zeros(shape[0] * shape[1]).index_copy_(0, idx, low).view(shape)
-        return low.new_zeros(shape).index_copy_(self.dim, idx, low)
+        # The other dimension's length from ``low``: a sharded (FSDP2) parameter's rows are
+        # this rank's block, shorter than the stored (global) shape.
+        full = list(low.shape)
+        full[self.dim] = shape[self.dim]
+        return low.new_zeros(full).index_copy_(self.dim, idx, low)
 
     exact_split = True
 
@@ -157,6 +162,7 @@ class BlockProjector(Projector):
     """
 
     name = "blocks"
+    refresh_reads_gradient = False  # the active set follows the group's seed and clock
     option_defaults = {"order": "random"}
     option_checks = {"order": choice("random", "ascending", "descending")}
 
@@ -203,7 +209,9 @@ class BlockProjector(Projector):
         return set(window) if self.order == "ascending" else {count - 1 - s for s in window}
 
     def _rows(self, pstate: dict, like: torch.Tensor) -> torch.Tensor:
-        return torch.arange(pstate["shape"][0] if pstate["active"] else 0, device=like.device)
+        # ``like`` is the gradient: its rows, not the stored shape's, are the ones R holds
+        # (fewer on one rank of a sharded parameter).
+        return torch.arange(like.shape[0] if pstate["active"] else 0, device=like.device)
 
     def project(self, grad: torch.Tensor, pstate: dict) -> torch.Tensor:
         return grad if pstate["active"] else grad[:0]

@@ -21,6 +21,7 @@ class RandomProjector(Projector):
     """
 
     name = "random"
+    refresh_reads_gradient = False  # a seeded draw: no communication under FSDP2
     option_defaults = {"distribution": "orthonormal"}
     option_checks = {"distribution": choice("orthonormal", "gaussian")}
 
