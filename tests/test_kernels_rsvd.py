@@ -177,3 +177,54 @@ def test_projector_batch_rejects_mismatched_lists():
     projector = RandomizedSVDProjector(2)
     with pytest.raises(ValueError, match="RandomizedSVDProjector: 2 matrices but 1 states"):
         projector.compute_bases_batch([gaussian(4, 4), gaussian(4, 4)], [projector.init_state(torch.Size((4, 4)), 0)])
+
+
+# ---------------------------------------------------------------- the optimizer batches refreshes
+def _rsvd_run(batch, steps=5, poison=None):
+    """GaLoreAdamW (rsvd, gap 2) on five same-shaped matrices and one of another shape."""
+    import lowrank_optim as lo
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(24, 10, generator=gen)) for _ in range(5)]
+    params.append(torch.nn.Parameter(torch.randn(9, 30, generator=gen)))
+    opt = lo.GaLoreAdamW(
+        [{"params": params, "rank": 3, "projector": "rsvd", "update_proj_gap": 2,
+          "projector_args": {"batch": batch}}], lr=1e-2,
+    )
+    for t in range(steps):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=gen)
+            if poison is not None and (t, i) == poison:
+                p.grad[0, 0] = float("nan")
+        opt.step()
+    return params, opt
+
+
+def test_optimizer_refreshes_same_shaped_matrices_in_one_call_per_chunk(monkeypatch):
+    calls = []
+    original = RandomizedSVDProjector.compute_bases_batch
+
+    def counting(self, matrices, pstates):
+        calls.append(len(matrices))
+        return original(self, matrices, pstates)
+
+    monkeypatch.setattr(RandomizedSVDProjector, "compute_bases_batch", counting)
+    _rsvd_run(batch=2, steps=1)
+    # five 24x10 matrices in chunks of 2, 2, 1 and the lone 9x30 matrix.
+    assert sorted(calls) == [1, 1, 2, 2]
+
+
+def test_batched_refresh_gives_the_one_by_one_trajectory():
+    batched, _ = _rsvd_run(batch=8)
+    one_by_one, _ = _rsvd_run(batch=1)
+    for a, b in zip(batched, one_by_one):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_non_finite_gradient_in_a_batch_skips_only_that_matrix():
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        params, opt = _rsvd_run(batch=8, steps=3, poison=(2, 1))
+    refreshes = [opt.state[p]["projector"]["refreshes"] for p in params]
+    # Steps 0 and 2 refresh; matrix 1's second refresh was skipped (old basis kept).
+    assert refreshes == [2, 1, 2, 2, 2, 2]
+    assert all(torch.isfinite(p).all() for i, p in enumerate(params) if i != 1)

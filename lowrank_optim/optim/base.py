@@ -242,38 +242,80 @@ class LowRankOptimizer(Optimizer):
         if not self.layerwise:  # in layer-wise mode the gradient hooks stepped the parameters
             for group in self.param_groups:
                 projector = make_projector(group)
-                for p in group["params"]:
-                    if self.gradient(p) is not None:
-                        self._step_param(p, group, projector)
+                params = [p for p in group["params"] if self.gradient(p) is not None]
+                fresh = self._batched_bases(params, group, projector)
+                for p in params:
+                    self._step_param(p, group, projector, fresh.get(id(p)))
         for group in self.param_groups:
             # The group's clock: a schedule all its matrices share (FRUGAL's block rounds),
             # whichever of them had a gradient; saved with the param groups.
             group[CLOCK] = group.get(CLOCK, 0) + 1
         return loss
 
-    def _step_param(self, p: torch.Tensor, group: dict, projector: Projector | None) -> None:
+    def _step_param(self, p: torch.Tensor, group: dict, projector: Projector | None, bases: dict | None = None) -> None:
+        """One parameter's step; ``bases``: its new basis, when :meth:`_batched_bases`
+        already computed it together with other parameters'."""
         grad = self.gradient(p)
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         state = self.state[p]
         # A sharded (FSDP2) parameter steps on this rank's rows; see lowrank_optim.distributed.
         with distributed.local_step(p, grad, state) as local:
-            if "step" not in state:
-                distributed.check_method(self, local.layout)
-                state["step"] = 0
-                if projector is not None:
-                    seed, slot = self._param_seed(p, group), self._group_slot(p, group)
-                    state["projector"] = distributed.init_projector_state(
-                        type(self).__name__, projector, p.shape, seed, slot, local.layout
-                    )
-            self._step_local(local, state, group, projector)
+            self._init_state(p, state, group, projector, local.layout)
+            self._step_local(local, state, group, projector, bases)
 
-    def _step_local(self, local: distributed.LocalStep, state: dict, group: dict, projector: Projector | None) -> None:
+    def _init_state(self, p, state: dict, group: dict, projector: Projector | None, layout) -> None:
+        if "step" not in state:
+            distributed.check_method(self, layout)
+            state["step"] = 0
+            if projector is not None:
+                seed, slot = self._param_seed(p, group), self._group_slot(p, group)
+                state["projector"] = distributed.init_projector_state(
+                    type(self).__name__, projector, p.shape, seed, slot, layout
+                )
+
+    def _batched_bases(self, params: list, group: dict, projector: Projector | None) -> dict[int, dict]:
+        """New bases of every parameter of ``group`` due for a refresh this step, computed
+        together (by id), for projectors that batch (``rsvd``: one op call per chunk of
+        same-shaped matrices).
+
+        Only where the refresh reads the raw gradient of a whole matrix: a method that
+        maps the gradient first (``prepare_gradient``) or a sharded parameter (its refresh
+        gathers, see :mod:`lowrank_optim.distributed`) refreshes on its own in the step.
+        A failure here is not an error: those parameters refresh one by one, where a
+        failed factorisation is handled per parameter.
+        """
+        if (
+            projector is None
+            or not projector.batches_refresh
+            or type(self).prepare_gradient is not LowRankOptimizer.prepare_gradient
+        ):
+            return {}
+        due, grads, pstates = [], [], []
+        for p in params:
+            if distributed.is_dtensor(p):
+                continue
+            state = self.state[p]
+            self._init_state(p, state, group, projector, None)
+            if projector.should_update(state["projector"]):
+                due.append(id(p))
+                grads.append(self.gradient(p))
+                pstates.append(state["projector"])
+        if len(due) < 2:
+            return {}
+        try:
+            return dict(zip(due, projector.compute_bases_many(grads, pstates)))
+        except (torch.linalg.LinAlgError, RuntimeError):
+            return {}
+
+    def _step_local(
+        self, local: distributed.LocalStep, state: dict, group: dict, projector: Projector | None, bases: dict | None
+    ) -> None:
         p, layout = local.param, local.layout
         grad = self.prepare_gradient(p, local.grad, state, group)
         if projector is not None:
             pstate = state["projector"]
-            if projector.should_update(pstate) and not self._refresh(p, grad, group, state, projector, layout):
+            if projector.should_update(pstate) and not self._refresh(p, grad, group, state, projector, layout, bases):
                 return  # no usable basis this step: skip rather than corrupt the state
             low = projector.project(grad, pstate)
             projector.tick(pstate)
@@ -320,13 +362,16 @@ class LowRankOptimizer(Optimizer):
             else:
                 p.add_(p, alpha=-decay_lr * group["weight_decay"])
 
-    def _refresh(self, p, grad, group, state, projector: Projector, layout=None) -> bool:
+    def _refresh(self, p, grad, group, state, projector: Projector, layout=None, bases=None) -> bool:
         """New basis, then the moments per ``on_refresh``; False means skip this step."""
         pstate = state["projector"]
         had_basis = pstate["refreshes"] > 0
         old = dict(pstate)  # update() replaces entries, so this shallow copy is the old state
         try:
-            distributed.refresh(projector, grad, pstate, layout)  # projector.update, shard-aware
+            if bases is not None:  # computed in a batch with other parameters'
+                projector.update(grad, pstate, bases)
+            else:
+                distributed.refresh(projector, grad, pstate, layout)  # projector.update, shard-aware
         except RefreshFailed as err:
             self._warn_once(p, f"subspace refresh skipped, previous basis kept ({err})")
             return had_basis and not err.nonfinite_gradient

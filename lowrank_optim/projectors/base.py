@@ -139,8 +139,11 @@ class Projector:
     def tick(self, pstate: dict) -> None:
         pstate["age"] += 1
 
-    def update(self, grad: torch.Tensor, pstate: dict) -> None:
+    def update(self, grad: torch.Tensor, pstate: dict, bases: dict[str, torch.Tensor] | None = None) -> None:
         """Compute a new basis from ``grad`` (in fp32) and store it in ``pstate``.
+
+        ``bases``: the result of :meth:`compute_bases` for this gradient, already computed
+        together with other parameters' by :meth:`compute_bases_many`.
 
         Raises :class:`RefreshFailed` and leaves ``pstate`` untouched when the gradient is
         not finite or the factorisation fails.  The finiteness check costs one host sync
@@ -150,7 +153,7 @@ class Projector:
         if not bool(torch.isfinite(matrix).all()):
             raise RefreshFailed("the gradient has non-finite entries", nonfinite_gradient=True)
         try:
-            new = self.compute_bases(matrix, pstate)
+            new = bases if bases is not None else self.compute_bases(matrix, pstate)
         except (torch.linalg.LinAlgError, RuntimeError) as err:  # LAPACK/cuSOLVER failures
             raise RefreshFailed(f"the factorisation failed: {err}") from err
         if not all(bool(torch.isfinite(t).all()) for t in new.values()):
@@ -169,6 +172,17 @@ class Projector:
         (a seed, indices) override :meth:`update` and :meth:`bases` instead.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement compute_bases or update")
+
+    #: Whether :meth:`compute_bases_many` computes many parameters' bases in one call.
+    batches_refresh: ClassVar[bool] = False
+
+    def compute_bases_many(self, grads: list[torch.Tensor], pstates: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """:meth:`compute_bases` for several parameters refreshing at the same step, in as
+        few calls as the projector can (a model has dozens of matrices of each shape).
+        ``grads`` are in their own dtype; the projector converts them to fp32 in chunks,
+        so a whole model's gradients never exist twice in fp32.  Projectors that set
+        ``batches_refresh`` implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not batch its refreshes")
 
     # ------------------------------------------------------------------ projection
     def bases(self, pstate: dict, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -29,12 +29,16 @@ class RandomizedSVDProjector(Projector):
     fallback, see :mod:`lowrank_optim.kernels.rsvd`); :meth:`compute_bases_batch` refreshes
     many parameters in one call.
 
-    Options (``projector_args``): ``oversample`` p (default 8), ``power_iters`` q (default 2).
+    Options (``projector_args``): ``oversample`` p (default 8), ``power_iters`` q (default 2),
+    ``batch`` (default 8): how many same-shaped matrices the optimizer refreshes in one op
+    call; each call holds ``batch`` fp32 gradient copies, so this bounds the refresh's
+    extra memory (1 refreshes one matrix at a time).
     """
 
     name = "rsvd"
-    option_defaults = {"oversample": 8, "power_iters": 2}
-    option_checks = {"oversample": int_at_least(0), "power_iters": int_at_least(0)}
+    option_defaults = {"oversample": 8, "power_iters": 2, "batch": 8}
+    option_checks = {"oversample": int_at_least(0), "power_iters": int_at_least(0), "batch": int_at_least(1)}
+    batches_refresh = True
 
     def compute_bases(self, matrix: torch.Tensor, pstate: dict) -> dict[str, torch.Tensor]:
         return self.compute_bases_batch([matrix], [pstate])[0]
@@ -66,6 +70,22 @@ class RandomizedSVDProjector(Projector):
             )
             for slot, i in enumerate(members):
                 bases[i] = select_sides(self, pstates[i], u[slot], vh[slot])
+        return bases
+
+
+    def compute_bases_many(self, grads: list[torch.Tensor], pstates: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """Same-shaped gradients in chunks of ``batch``, each chunk converted to fp32 only
+        while its op call runs."""
+        by_kind: dict[tuple, list[int]] = defaultdict(list)
+        for index, (grad, pstate) in enumerate(zip(grads, pstates)):
+            by_kind[(tuple(grad.shape), pstate["rank"], grad.device)].append(index)
+        bases: list[dict[str, torch.Tensor] | None] = [None] * len(grads)
+        for members in by_kind.values():
+            for start in range(0, len(members), self.batch):
+                chunk = members[start : start + self.batch]
+                matrices = [grads[i].detach().float() for i in chunk]
+                for i, result in zip(chunk, self.compute_bases_batch(matrices, [pstates[i] for i in chunk])):
+                    bases[i] = result
         return bases
 
 
