@@ -63,6 +63,10 @@ setup(
             "galore-torch==1.0",
             "fira==1.0.2",
             "q-galore-torch==1.0",
+            # Peers that bench/compare.py measures against (its tests list a missing one).
+            "apollo-torch==1.0.3",
+            "pytorch-optimizer==4.1.0",
+            "torchao==0.18.0",
             "transformers>=5.23",
             "accelerate>=1.0",
             "tqdm",

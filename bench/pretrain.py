@@ -76,6 +76,8 @@ class ModelShape(NamedTuple):
 #: ends about 0.08 nats behind AdamW in the default run, rank 32 level with it.
 MODEL_SHAPES: dict[str, ModelShape] = {
     "tiny": ModelShape(64, 172, 4, 2, seq_len=64, galore_rank=32),
+    # bench/convergence.py's model: 3.3M parameters, the largest whose sweeps fit a CPU budget.
+    "conv3m": ModelShape(256, 688, 4, 4, seq_len=128, galore_rank=64),
     "small": ModelShape(384, 1024, 6, 8, seq_len=128, galore_rank=96),
     "60m": ModelShape(512, 1376, 8, 8, seq_len=256, galore_rank=128),
     "130m": ModelShape(768, 2048, 12, 12, seq_len=256, galore_rank=256),

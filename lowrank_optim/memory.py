@@ -414,9 +414,13 @@ def paper_table(project_lm_head: bool = False) -> list[dict[str, Any]]:
 
 def _walk_storages(value, seen: set, out: list) -> None:
     if isinstance(value, torch.Tensor):
-        from .distributed import local_tensor
-
-        storage = local_tensor(value).untyped_storage()  # a DTensor: this rank's block
+        if type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):
+            # A wrapper subclass (a DTensor: this rank's block; torchao's 8-bit state: codes,
+            # scales, code book) has a placeholder storage: count what it wraps.
+            for name in value.__tensor_flatten__()[0]:
+                _walk_storages(getattr(value, name), seen, out)
+            return
+        storage = value.untyped_storage()
         if storage.data_ptr() not in seen or storage.nbytes() == 0:
             seen.add(storage.data_ptr())
             out.append(storage.nbytes())

@@ -275,3 +275,24 @@ def test_measured_large_rows_and_other_projectors(name, extra):
     measured = mem.state_bytes_per_param(opt, list(model.named_parameters()))
     est = mem.estimate(model, name, dtype="fp32", **size, **extra)
     assert measured == pytest.approx({r.name: r.optimizer for r in est.rows})
+
+
+def test_state_bytes_counts_what_a_tensor_subclass_wraps():
+    """torchao keeps 8-bit moments as wrapper subclasses whose own storage is a placeholder:
+    the count must reach the codes, scales and code book inside."""
+    torchao_optim = pytest.importorskip("torchao.optim")
+    p = torch.nn.Parameter(torch.randn(64, 64))
+    opt = torchao_optim.AdamW8bit([p], block_size=256)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    inner = [
+        getattr(t, name)
+        for t in opt.state[p].values()
+        if hasattr(t, "__tensor_flatten__")
+        for name in t.__tensor_flatten__()[0]
+    ]
+    assert len(inner) >= 4  # two moments, each with codes and scales at least
+    expected = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in inner}.values())
+    step = opt.state[p].get("step")
+    expected += step.untyped_storage().nbytes() if isinstance(step, torch.Tensor) else 0
+    assert mem.state_bytes(opt) == expected
