@@ -2,9 +2,9 @@ r"""Kernel benchmark: the ``torch.ops.lowrank_optim`` kernels against the PyTorc
 
 Run from the repository root::
 
-    python bench/kernels.py --device cuda              # LLaMA-1B and 7B shapes (GPU)
-    nice -n 10 python bench/kernels.py --quick         # small shapes, CPU, a few minutes on 2 cores
-    python bench/kernels.py --device cuda --models 1b --ranks 128 512   # a subset
+    python bench/bench_kernels.py --device cuda              # LLaMA-1B and 7B shapes (GPU)
+    nice -n 10 python bench/bench_kernels.py --quick         # small shapes, CPU, a few minutes on 2 cores
+    python bench/bench_kernels.py --device cuda --models 1b --ranks 128 512   # a subset
 
 Options: ``--models`` (1b, 7b), ``--ranks``, ``--layers`` (the batch is the number of
 matrices of one shape in that many LLaMA blocks), ``--repeats``, ``--threads``, ``--out``
@@ -42,24 +42,11 @@ Tables go to stdout and to ``DIR/kernels.md``; raw samples and the machine to ``
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-# bench/ is sys.path[0] when this file runs as a script, and then this file's name shadows the
-# ``kernels`` package that bitsandbytes probes for at import (it would import this script
-# half-way through bench_galore's imports).  So bench/ leaves the path and the shared helpers
-# are loaded from their file.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-if "bench_galore" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("bench_galore", _HERE / "bench_galore.py")
-    sys.modules["bench_galore"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["bench_galore"])
-from bench_galore import (  # noqa: E402
+from bench_galore import (
     announce_machine,
     gradient_like,
     interleaved_samples,
@@ -68,11 +55,11 @@ from bench_galore import (  # noqa: E402
     write_results,
 )
 
-import lowrank_optim  # noqa: E402,F401  (registers the ops, loads the extension)
-from lowrank_optim.kernels import extension, reference  # noqa: E402
-from lowrank_optim.kernels import rsvd as rsvd_kernel  # noqa: E402
-from lowrank_optim.projectors.base import LEFT, choose_side  # noqa: E402
-from lowrank_optim.projectors.rsvd import sketch_matrix  # noqa: E402
+import lowrank_optim  # noqa: F401  (registers the ops, loads the extension)
+from lowrank_optim.kernels import extension, reference
+from lowrank_optim.kernels import rsvd as rsvd_kernel
+from lowrank_optim.projectors.base import LEFT, choose_side
+from lowrank_optim.projectors.rsvd import sketch_matrix
 
 OVERSAMPLE, POWER_ITERS = 8, 2
 INT4_GROUP_SIZE = 256
@@ -357,7 +344,7 @@ def main(argv=None) -> None:
     print(f"\n## Targets\n\n{TARGETS_NOTE}\n\n" + "\n".join(lines))
 
     report = "\n".join([
-        "# Kernel benchmark (bench/kernels.py)\n",
+        "# Kernel benchmark (bench/bench_kernels.py)\n",
         "\n".join(f"- {k}: {v}" for k, v in info.items()),
         f"- load average at start: {load_before}\n",
         "## 1. Batched randomized SVD\n", RSVD_HEADER, *map(rsvd_row, rsvd_rows),
