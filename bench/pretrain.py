@@ -54,7 +54,6 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lowrank_optim
-from lowrank_optim.distributed import local_state
 from lowrank_optim.memory import state_bytes  # bytes the optimizer state keeps alive
 
 VOCAB_SIZE = 256  # one token per byte value (unless --tokenized)
@@ -657,16 +656,11 @@ def train_one(
         "initial_val_loss": progress_state["initial_val_loss"],
         "val_loss": final_val_loss,
         "eval_history": eval_history,
-        "state_bytes": state_bytes(optimizer) if not args.fsdp else rank_state_bytes(optimizer),
+        "state_bytes": state_bytes(optimizer),  # under FSDP2: this rank's blocks
         "optimizer_step_ms": 1000 * optimizer_seconds / steps_run,
         "train_step_ms": 1000 * train_seconds / steps_run,
         "parameters": count_parameters(model),
     }
-
-
-def rank_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of optimizer state on this rank: its blocks of the sharded tensors (FSDP2)."""
-    return state_bytes(argparse.Namespace(state=local_state(optimizer.state)))
 
 
 # ---------------------------------------------------------------------------- report

@@ -333,20 +333,7 @@ def global_norm(x: torch.Tensor, layout: ShardLayout | None, dtype: torch.dtype 
     return all_reduce_sum(squares, layout).sqrt()
 
 
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's block of a DTensor (the tensor itself otherwise): for memory accounting."""
-    return _local(t)
-
-
-def local_state(value):
-    """``value`` (an optimizer's ``state``, or any nesting of dicts) with every DTensor
-    replaced by this rank's block, without copies: what this rank's memory holds."""
-    if isinstance(value, dict):
-        return {k: local_state(v) for k, v in value.items()}
-    return _local(value)
-
-
 __all__ = [
     "LocalStep", "ShardLayout", "all_reduce_sum", "check_layerwise", "check_method", "global_norm",
-    "init_projector_state", "local_state", "local_step", "local_tensor", "refresh", "shard_layout",
+    "init_projector_state", "local_step", "refresh", "shard_layout",
 ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import traceback
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -20,7 +19,6 @@ from torch.distributed.tensor import DTensor
 
 import lowrank_optim as lo
 from lowrank_optim import memory
-from lowrank_optim import distributed as lod
 
 STEPS = 5
 GLOBAL_BATCH = 8
@@ -111,7 +109,7 @@ def local_state_bytes(optimizer) -> tuple[int, int]:
             for v in value.values():
                 walk(v)
         elif isinstance(value, torch.Tensor):
-            t = lod.local_tensor(value)
+            t = value.to_local() if isinstance(value, DTensor) else value
             split[0 if isinstance(value, DTensor) else 1] += t.numel() * t.element_size()
 
     for state in optimizer.state.values():
@@ -196,7 +194,7 @@ def checks(rank: int, world: int, out_dir: str) -> dict:
             "fsdp": full_params(fsdp_model),
             "single_state_bytes": memory.state_bytes(single_optimizer),
             "fsdp_state_bytes": gathered,
-            "fsdp_memory_state_bytes": memory.state_bytes(SimpleNamespace(state=lod.local_state(optimizer.state))),
+            "fsdp_memory_state_bytes": memory.state_bytes(optimizer),
             "sides": [optimizer.state[w]["projector"].get("side") for w in optimizer.param_groups[0]["params"]],
             "moment_types": sorted({type(v).__name__ for s in optimizer.state.values() for v in s.values()
                                     if isinstance(v, torch.Tensor)}),

@@ -76,7 +76,7 @@ def test_fsdp_moments_are_sharded_like_the_parameters(record, name):
 
 
 def test_state_bytes_of_this_rank(record):
-    """memory.state_bytes of ``distributed.local_state`` counts this rank's blocks."""
+    """memory.state_bytes of a sharded optimizer counts this rank's blocks."""
     entry = record["galore_svd"]
     assert entry["fsdp_memory_state_bytes"] == sum(entry["fsdp_state_bytes"][0])
 
