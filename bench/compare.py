@@ -29,7 +29,10 @@ What is measured, for every contender (each has its own copy of the weights and 
     one contender after the other: build the optimizer and take T steps (lazy state, the
     first basis, one-off compiles).  On CUDA the allocator's peak over this period, minus
     what was allocated before the optimizer existed, is the *peak* column (state plus the
-    step's temporaries); on CPU there is no allocator to ask and the column says so.
+    step's temporaries); on CPU it is the rise of the process's resident-memory high-water
+    mark over the period (``memory.start_process_peak``: Linux only, approximate, "n/m"
+    elsewhere), after two throwaway steps of another instance so that one-off library
+    setup is not counted.
 *timed periods*
     ``--repeats`` rounds; in each round every contender takes one full period of T steps
     (round-robin, so background load on a shared machine hits all alike), each step timed on
@@ -70,7 +73,7 @@ from torch import nn
 from tqdm import tqdm
 
 import lowrank_optim
-from lowrank_optim.memory import estimate, state_bytes
+from lowrank_optim.memory import estimate, process_peak_since, start_process_peak, state_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a directory of scripts
 from bench_galore import MODELS, announce_machine, load_average, synchronizer, time_once, write_results  # noqa: E402
@@ -216,12 +219,6 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
 
 
-def measured_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """``memory.state_bytes``: the same storage count for ours and for every peer (tensor
-    subclasses such as torchao's 8-bit state are counted by what they wrap)."""
-    return state_bytes(optimizer)
-
-
 def analytical_minimum(c: Contender, stack: nn.Module, rank: int) -> float | None:
     """Bytes the method must store (``memory.estimate``, fp32 state, no gradients)."""
     if c.method is None:
@@ -240,14 +237,24 @@ def first_period(c: Contender, stack: LlamaStack, gap: int, rank: int, device: t
         c.error = f"not importable: {describe(error)}"
         return None
     own = fresh_copy(stack)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation chatter of the research packages
+            if device.type != "cuda":
+                # The process's resident memory also grows the first time a code path runs
+                # (LAPACK workspaces, torchao's compile): two throwaway steps first, so the
+                # peak below is this optimizer's memory, not one-off library setup.
+                warm_up = c.make(fresh_copy(stack))
+                warm_up.step()
+                warm_up.step()
+                del warm_up
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            else:
+                rss_baseline = start_process_peak()
             optimizer = c.make(own)
             for _ in range(gap):
                 optimizer.step()
@@ -257,6 +264,8 @@ def first_period(c: Contender, stack: LlamaStack, gap: int, rank: int, device: t
         return None
     if device.type == "cuda":
         c.peak_bytes = torch.cuda.max_memory_allocated(device) - before
+    else:
+        c.peak_bytes = process_peak_since(rss_baseline)
     c.minimum_bytes = analytical_minimum(c, stack, rank)
     c.optimizer = optimizer  # kept alive for the timed periods and the final state count
 
@@ -282,7 +291,7 @@ def measure(cs: list[Contender], stack: LlamaStack, gap: int, rank: int, repeats
             runner()
     for label in runners:
         c = by_label[label]
-        c.state_bytes = measured_state_bytes(c.optimizer)
+        c.state_bytes = state_bytes(c.optimizer)
 
 
 # ---------------------------------------------------------------------------- summary
@@ -355,7 +364,7 @@ def table(records: list[dict], gap: int, device: torch.device) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
-        peak = mib(r["peak_bytes"]) if device.type == "cuda" else "n/m"
+        peak = mib(r["peak_bytes"]) if r["peak_bytes"] is not None else "n/m"
         lines.append(
             f"| {r['label']} | {r['peer'] or '-'} | {ms(r['amortized_s'])} | {cell(r['amortized_vs_peer'])} "
             f"| {ms(r['refresh_s'])} | {cell(r['refresh_vs_peer'])} | {ms(r['steady_s'])} | {cell(r['steady_vs_peer'])} "

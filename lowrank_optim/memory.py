@@ -443,6 +443,43 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(sizes)
 
 
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise KeyError(key)
+
+
+def start_process_peak() -> int | None:
+    """Begin measuring the process's peak resident memory on CPU: returns the baseline to
+    pass to :func:`process_peak_since`, or None where the OS cannot tell (not Linux).
+
+    There is no allocator to ask on CPU (``torch.cuda.max_memory_allocated`` is 0), so this
+    uses the kernel's high-water mark ``VmHWM``, reset by writing 5 to
+    ``/proc/self/clear_refs``.  Freed memory is first returned to the OS (``malloc_trim``)
+    so the baseline is what is really in use; the result is still approximate (pages,
+    allocator caching), unlike the exact :func:`state_bytes`."""
+    import ctypes
+    import gc
+
+    try:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return _proc_status("VmRSS")
+    except (OSError, KeyError, AttributeError):
+        return None
+
+
+def process_peak_since(baseline: int | None) -> int | None:
+    """Peak resident bytes above ``baseline`` since :func:`start_process_peak`."""
+    if baseline is None:
+        return None
+    return max(0, _proc_status("VmHWM") - baseline)
+
+
 def state_bytes_per_param(optimizer: torch.optim.Optimizer, named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, int]:
     """Bytes of ``optimizer.state[p]`` per parameter, by storage, each storage counted once
     across the whole optimizer (as :func:`state_bytes`): a storage

@@ -60,6 +60,8 @@ def test_compare_numbers_are_sane(compare_run):
     for r in rows.values():
         assert r["state_bytes"] > 0 and math.isfinite(r["amortized_s"]) and r["amortized_s"] > 0
         assert len(raw["step_times_s"][r["label"]]) == 2 * raw["update_proj_gap"]  # 2 timed periods of T
+        if sys.platform.startswith("linux"):  # CPU peak: the process's resident high-water mark
+            assert r["peak_bytes"] is not None and r["peak_bytes"] >= 0
     ours = rows["ours GaLoreAdamW svd"]
     assert ours["state_bytes"] == ours["minimum_bytes"]  # no hidden copies: exactly basis + 2 moments
     assert ours["peer"] == "galore_torch GaLoreAdamW"

@@ -296,3 +296,13 @@ def test_state_bytes_counts_what_a_tensor_subclass_wraps():
     step = opt.state[p].get("step")
     expected += step.untyped_storage().nbytes() if isinstance(step, torch.Tensor) else 0
     assert mem.state_bytes(opt) == expected
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_process_peak_sees_a_transient_allocation():
+    baseline = mem.start_process_peak()
+    assert baseline is not None
+    transient = torch.ones(16 * 2**20)  # 64 MiB, touched, then freed
+    del transient
+    assert mem.process_peak_since(baseline) >= 60 * 2**20
+    assert mem.process_peak_since(None) is None
