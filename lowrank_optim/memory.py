@@ -416,9 +416,12 @@ def _walk_storages(value, seen: set, out: list) -> None:
     if isinstance(value, torch.Tensor):
         if type(value) is not torch.Tensor and hasattr(value, "__tensor_flatten__"):
             # A wrapper subclass (a DTensor: this rank's block; torchao's 8-bit state: codes,
-            # scales, code book) has a placeholder storage: count what it wraps.
+            # scales, code book) has a placeholder storage: count the tensors it wraps (not
+            # its metadata: a DTensor also lists its device mesh, whose rank table is not state).
             for name in value.__tensor_flatten__()[0]:
-                _walk_storages(getattr(value, name), seen, out)
+                inner = getattr(value, name)
+                if isinstance(inner, torch.Tensor):
+                    _walk_storages(inner, seen, out)
             return
         storage = value.untyped_storage()
         if storage.data_ptr() not in seen or storage.nbytes() == 0:
