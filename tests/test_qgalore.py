@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import io
+import socket
 
 import pytest
 import torch
 from torch import nn
 
+import _int8_ddp_worker as int8_ddp
 import lowrank_optim.ops  # noqa: F401  (registers torch.ops.lowrank_optim)
 from conftest import assert_same_state
 from lowrank_optim.optim.qgalore import QGaLoreAdamW8bit
 from lowrank_optim.projectors.quantized import QuantizedProjector
 from lowrank_optim.quant import (
     Int8Linear,
+    clip_grad_norm_,
     convert_linear_to_int8,
     dequantize_int4,
     dequantize_int8,
@@ -20,8 +23,10 @@ from lowrank_optim.quant import (
     quantize_int4,
     quantize_int8,
     stochastic_round_generator,
+    sync_int8_grads,
     unpack_int4,
 )
+from lowrank_optim.quant.int8_linear import SYNCED
 
 ODD_SIZES = [1, 2, 17, 255, 256, 257, 513, 4097]
 
@@ -373,6 +378,134 @@ def test_resume_through_weights_only_load_is_bit_identical(int8):
         assert model.mlp.weight.dtype == torch.uint8
 
 
+# ---------------------------------------------------------------------------- clipping, DDP
+def _backward(model):
+    x, y = _data()
+    nn.functional.mse_loss(model(x), y).backward()
+
+
+def _all_grads(model):
+    return [p.float_grad if hasattr(p, "int8_scales") else p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_clip_grad_norm_counts_and_scales_the_int8_float_grads(norm_type):
+    model = _model()
+    _backward(model)
+    before = [g.clone() for g in _all_grads(model)]
+    by_hand = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in before]), norm_type)
+    total = clip_grad_norm_(model.parameters(), by_hand / 4, norm_type)
+    torch.testing.assert_close(total, by_hand, rtol=1e-5, atol=0)
+    for g, old in zip(_all_grads(model), before):
+        torch.testing.assert_close(g, old * (by_hand / 4 / (by_hand + 1e-6)))
+
+
+def test_torch_clip_grad_norm_misses_int8_weights_and_ours_matches_it_without_them():
+    """The silent no-op that clip_grad_norm_ replaces, and that it is torch's otherwise."""
+    model = _model()
+    _backward(model)
+    float_grad = model.mlp.weight.float_grad.clone()
+    ours = clip_grad_norm_(model.parameters(), float("inf"))
+    theirs = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    assert theirs < 0.9 * ours and torch.equal(model.mlp.weight.float_grad, float_grad)
+
+    twins = [_model(int8=False) for _ in range(2)]
+    for twin in twins:
+        _backward(twin)
+    norms = clip_grad_norm_(twins[0].parameters(), 0.1), torch.nn.utils.clip_grad_norm_(twins[1].parameters(), 0.1)
+    assert torch.equal(*norms)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(twins[0].parameters(), twins[1].parameters()))
+    with pytest.raises(ValueError, match="clip_grad_norm_: invalid int8_grad_sync='on'"):
+        clip_grad_norm_(model.parameters(), 1.0, int8_grad_sync="on")
+
+
+def test_int8_grad_sync_does_nothing_in_one_process():
+    model = _model()
+    _backward(model)
+    opt = QGaLoreAdamW8bit(_groups(model), min_8bit_size=16)
+    grad = model.mlp.weight.float_grad
+    before = grad.clone()
+    opt.sync_int8_grads()
+    sync_int8_grads([model.mlp.weight, model.attn.weight])
+    assert model.mlp.weight.float_grad is grad and torch.equal(grad, before) and not hasattr(grad, SYNCED)
+
+
+def test_backward_and_zero_grad_clear_the_averaged_mark():
+    """What keeps the averaging once per backward: a gradient marked averaged stops being so
+    when a backward adds a local part to it, or when it is zeroed."""
+    model = _model()
+    opt = QGaLoreAdamW8bit(_groups(model), min_8bit_size=16)
+    _backward(model)
+    grad = model.mlp.weight.float_grad
+    setattr(grad, SYNCED, True)  # as sync_int8_grads leaves it
+    _backward(model)
+    assert model.mlp.weight.float_grad is grad and getattr(grad, SYNCED) is False
+    setattr(grad, SYNCED, True)
+    opt.zero_grad(set_to_none=False)
+    assert getattr(grad, SYNCED) is False
+
+
+@pytest.fixture(scope="module")
+def ddp_record(tmp_path_factory):
+    """Both ranks' records of tests/_int8_ddp_worker.py (2 gloo processes, one spawn)."""
+    out = tmp_path_factory.mktemp("int8_ddp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(int8_ddp.run, args=(2, port, str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+
+
+needs_gloo = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
+)
+
+
+@needs_gloo
+@pytest.mark.parametrize("run", ["ddp", "ddp_clip"])
+def test_int8_ddp_replicas_stay_identical_and_equal_one_process(ddp_record, run):
+    rank0, rank1 = (record[run] for record in ddp_record)
+    single = ddp_record[0]["single_clip" if run == "ddp_clip" else "single"]
+    for key, value in rank0["state"].items():  # codes, scales, zeros, float parameters
+        assert torch.equal(value, rank1["state"][key]), key
+    # One process on the whole batch: the same up to the all-reduce's rounding, which could
+    # flip a rare stochastically rounded code (none does here).
+    initial = {name: getattr(int8_ddp.make_model(), name).dequantized_weight() for name in ("mlp", "attn")}
+    for name, weight in rank0["dequantized"].items():
+        step = single["state"][f"{name}.weight_scales"].max()
+        assert (rank0["state"][f"{name}.weight"] != single["state"][f"{name}.weight"]).float().mean() <= 0.01
+        assert (weight - single["dequantized"][name]).abs().max() <= 1.01 * step
+        assert (single["dequantized"][name] - initial[name]).abs().max() > 5 * step  # and it trained
+    for key, value in single["state"].items():
+        if value.is_floating_point() and "scales" not in key:
+            torch.testing.assert_close(rank0["state"][key], value, rtol=1e-5, atol=1e-6)
+    # one all_reduce per step for every INT8 gradient; after the clip's, the step adds none
+    assert rank0["all_reduces"] == [1] * int8_ddp.STEPS
+    if run == "ddp_clip":
+        assert min(single["norms"]) > int8_ddp.MAX_NORM  # the clip acted at every step
+        assert rank0["norms"] == rank1["norms"]
+        torch.testing.assert_close(torch.tensor(rank0["norms"]), torch.tensor(single["norms"]), rtol=1e-5, atol=0)
+
+
+@needs_gloo
+def test_int8_ddp_without_averaging_the_replicas_drift_apart(ddp_record):
+    """int8_grad_sync="off": DDP averages the biases, nothing averages the INT8 weights."""
+    rank0, rank1 = (record["ddp_off"] for record in ddp_record)
+    for name in ("mlp", "attn"):
+        assert (rank0["state"][f"{name}.weight"] != rank1["state"][f"{name}.weight"]).float().mean() > 0.3
+    assert rank0["all_reduces"] == [0] * int8_ddp.STEPS
+
+
+@needs_gloo
+def test_int8_sync_of_a_gradient_some_ranks_lack(ddp_record):
+    """Weight a has a gradient (ones) on rank 0 only, b on none: a gets the average on both
+    ranks, b stays None; a second sync is free; a backward makes the next one reduce again."""
+    for record in ddp_record:
+        entry = record["missing_gradients"]
+        assert torch.equal(entry["a"], torch.full((2, 3), 0.5)) and entry["b"] is None
+        assert entry["calls"] == [1, 0, 1]
+
+
 # ---------------------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     "kwargs, key",
@@ -390,6 +523,7 @@ def test_resume_through_weights_only_load_is_bit_identical(int8):
         ({"simulate": "yes"}, "simulate"),
         ({"stochastic_round": 1}, "stochastic_round"),
         ({"betas": (0.9, 1.5)}, "betas"),
+        ({"int8_grad_sync": "on"}, "int8_grad_sync"),
     ],
 )
 def test_bad_inputs_raise_naming_the_key(kwargs, key):

@@ -39,6 +39,12 @@ stochastic rounding on; Adam defaults as ``torch.optim.AdamW``.  For pretraining
 uses ``betas=(0.9, 0.95)``, ``lr=0.01 .. 0.015``, ``scale=0.25``, ``update_proj_gap=200``.
 Layer-wise mode does not support ``Int8Linear`` weights (they have no ``.grad`` for the
 post-accumulate hook), which is rejected at construction.
+
+Under DDP (``torch.distributed`` initialised, world size > 1) ``Int8Linear`` weights are
+replicas whose ``float_grad`` DDP does not reduce: the step averages them itself first, in
+one ``all_reduce`` (:func:`~lowrank_optim.quant.int8_linear.sync_int8_grads`), unless
+``lowrank_optim.quant.clip_grad_norm_`` already did since the last backward.  Clip with that
+function, not ``torch.nn.utils.clip_grad_norm_``, which does not see ``float_grad``.
 """
 from __future__ import annotations
 
@@ -46,13 +52,15 @@ import torch
 
 from .. import _validate as V
 from ..projectors.base import CLOCK
-from ..quant.int8_linear import dequantize_int8, quantize_int8, stochastic_round_generator
+from ..quant.int8_linear import (
+    SYNCED,
+    dequantize_int8,
+    is_int8_weight,
+    quantize_int8,
+    stochastic_round_generator,
+    sync_int8_grads,
+)
 from .galore import GaLoreAdamW8bit
-
-
-def is_int8_weight(p: torch.Tensor) -> bool:
-    """A weight stored by :class:`~lowrank_optim.quant.Int8Linear`."""
-    return hasattr(p, "int8_scales")
 
 
 class QGaLoreAdamW8bit(GaLoreAdamW8bit):
@@ -65,7 +73,14 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         weight_group_size: group of the simulated INT8 weights (``Int8Linear`` weights
             carry their own).
         stochastic_round: False rounds weights to nearest (the paper's ablation).
+        int8_grad_sync: ``"auto"`` averages the ``float_grad`` of the group's ``Int8Linear``
+            weights over the ranks before the step when ``torch.distributed`` runs with more
+            than one process (:meth:`sync_int8_grads`); ``"off"`` leaves them per rank (only
+            for weights that are meant to differ between ranks, or averaged elsewhere).
     """
+
+    #: Read by the base class's parameter checks (which refuse INT8 weights elsewhere).
+    steps_int8_weights = True
 
     method_defaults = {
         **GaLoreAdamW8bit.method_defaults,
@@ -73,12 +88,14 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
         "simulate": False,
         "weight_group_size": 256,
         "stochastic_round": True,
+        "int8_grad_sync": "auto",
     }
     method_checks = {
         **GaLoreAdamW8bit.method_checks,
         "simulate": V.boolean(),
         "weight_group_size": V.int_at_least(1),
         "stochastic_round": V.boolean(),
+        "int8_grad_sync": V.choice("auto", "off"),
     }
 
     def _validate_group(self, group: dict, index: int) -> None:
@@ -88,6 +105,26 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
                 f"{type(self).__name__}: layerwise=True in param group {index} cannot step Int8Linear weights "
                 "(an integer weight has no .grad to trigger the hook); use layerwise=False"
             )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:  # its backward must come before the averaging
+            with torch.enable_grad():
+                loss = closure()
+        self.sync_int8_grads()
+        super().step()
+        return loss
+
+    def sync_int8_grads(self) -> None:
+        """Average the INT8 weights' ``float_grad`` over the ranks now (groups with
+        ``int8_grad_sync="auto"``; nothing in one process).  Once per backward: the step
+        (or ``lowrank_optim.quant.clip_grad_norm_``) skips gradients already averaged."""
+        # .get: the param groups of a checkpoint saved before this option lack it.
+        sync_int8_grads(
+            p for group in self.param_groups if group.get("int8_grad_sync", "auto") == "auto"
+            for p in group["params"] if is_int8_weight(p)
+        )
 
     def gradient(self, p: torch.Tensor) -> torch.Tensor | None:
         return p.float_grad if is_int8_weight(p) else p.grad
@@ -101,6 +138,7 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
                         p.float_grad = None
                     else:
                         p.float_grad.zero_()
+                        setattr(p.float_grad, SYNCED, False)
 
     def open_weight(self, p: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
         if is_int8_weight(p):
