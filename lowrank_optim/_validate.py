@@ -10,6 +10,7 @@ the hyperparameter (or parameter) and the offending value, e.g.::
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -32,11 +33,27 @@ class Check:
 
 
 def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    # numbers.Integral: a rank read from a NumPy array (np.int64) is as good as an int.
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def plain(value: Any) -> Any:
+    """``value`` with NumPy (or other ``numbers``) scalars turned into Python ``int``/``float``,
+    inside tuples and lists too: groups are saved in checkpoints, and
+    ``torch.load(weights_only=True)`` refuses a NumPy scalar."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(plain(v) for v in value)
+    return value
 
 
 def nonneg_float(optional: bool = False) -> Check:
@@ -88,6 +105,10 @@ def check_values(owner: str, values: Mapping[str, Any], checks: Mapping[str, Che
     for name, check in checks.items():
         if name in values and not check(values[name]):
             raise fail(owner, name, values[name], where, check.expected)
+
+
+def negative_float() -> Check:
+    return Check(lambda x: _is_real(x) and x < 0, "a finite number < 0")
 
 
 def check_known_keys(owner: str, given: Iterable[str], known: Iterable[str], what: str) -> None:

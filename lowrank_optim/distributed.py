@@ -249,8 +249,18 @@ def refresh(projector: Projector, grad: torch.Tensor, pstate: dict, layout: Shar
     (:class:`RefreshFailed`) is broadcast too and raised on every rank, so all keep the
     old basis together.
     """
-    if layout is None or not projector.refresh_reads_gradient:
-        projector.update(grad, pstate)  # seeded: every rank computes the same state
+    if layout is None:
+        projector.update(grad, pstate)
+        return
+    if not projector.refresh_reads_gradient:
+        # Seeded: every rank computes the same state, but each sees only its rows of the
+        # gradient, so they agree first on whether any block is non-finite (one
+        # collective per refresh): all ranks skip the step together or none does.
+        nonfinite = (~torch.isfinite(grad)).any().to(torch.int32).reshape(1)
+        dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX, group=layout.group)
+        if bool(nonfinite):
+            raise RefreshFailed("the gradient has non-finite entries", nonfinite_gradient=True)
+        projector.update(grad, pstate)
         return
     group = layout.group
     owner = pstate["seed"] % layout.world_size  # seeds follow positions: round robin

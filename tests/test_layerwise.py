@@ -1,8 +1,10 @@
 """Layer-wise mode: parameters stepped from gradient hooks, gradients freed during backward."""
 from __future__ import annotations
 
+import copy
 import io
 
+import pytest
 import torch
 
 import lowrank_optim as lo
@@ -124,3 +126,79 @@ def test_remove_hooks_detaches_the_optimizer():
     lw.remove_hooks()
     loss_fn(model, *data[0]).backward()
     assert model["attn"].weight.grad is not None and not lw.state
+
+
+def branch_loss(model, x, y, use_mlp):
+    """The MLP takes part only when ``use_mlp``: its weights get no gradient otherwise."""
+    h = torch.tanh(model["attn"](x))
+    return torch.nn.functional.mse_loss(model["head"](model["mlp"](h) if use_mlp else h[:, :12]), y)
+
+
+def train_with_gaps(model, opt, data, pattern, accumulation, layerwise):
+    for i in range(0, len(data), accumulation):
+        for j, (x, y) in enumerate(data[i : i + accumulation]):
+            (branch_loss(model, x, y, pattern(i + j)) / accumulation).backward()
+        if not layerwise:
+            opt.step()
+            opt.zero_grad()
+        else:
+            opt.step()
+
+
+@pytest.mark.parametrize("pattern", [lambda i: i % 3 != 2, lambda i: i % 3 != 0, lambda i: i % 2 == 0],
+                         ids=["missing_last", "missing_first", "alternating"])
+def test_layerwise_accumulation_with_parameters_missing_some_micro_batches(pattern):
+    """Micro-batches are counted per optimizer step, not per parameter: a parameter that got
+    no gradient on some micro-batch steps once per window on that window's sum, as in a
+    regular accumulated step, and no gradient leaks into the next window."""
+    model, twin, data, opt, lw = twins(accumulation_steps=3)
+    train_with_gaps(model, opt, data, pattern, 3, layerwise=False)
+    train_with_gaps(twin, lw, data, pattern, 3, layerwise=True)
+    assert_same_params(model, twin)
+    assert all(p.grad is None for p in twin.parameters())
+    assert lw.state[twin["mlp"].weight]["step"] == opt.state[model["mlp"].weight]["step"]
+
+
+def scaled_training(model, opt, data, scaler, layerwise, blow_up_at=()):
+    for i, (x, y) in enumerate(data):
+        loss = loss_fn(model, x, y) * (1e38 if i in blow_up_at else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if not layerwise:
+            opt.zero_grad()
+
+
+def test_layerwise_with_grad_scaler_unscales_and_skips_non_finite_steps():
+    model, twin, data, opt, lw = twins()
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=100) for _ in range(2)]
+    lw.attach_grad_scaler(scalers[1])
+    scaled_training(model, opt, data, scalers[0], layerwise=False, blow_up_at=(4,))
+    scaled_training(twin, lw, data, scalers[1], layerwise=True, blow_up_at=(4,))
+    assert_same_params(model, twin)
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0**11  # the overflow halved it in both
+    assert lw.state[twin["attn"].weight]["step"] == len(data) - 1  # the overflowing step was skipped
+
+
+def test_layerwise_with_an_unattached_grad_scaler_is_refused_clearly():
+    _, model, data, _, lw = twins()
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(loss_fn(model, *data[0])).backward()
+    with pytest.raises(RuntimeError, match=r"layerwise=True with torch.amp.GradScaler needs optimizer.attach_grad_scaler"):
+        scaler.step(lw)
+    with pytest.raises(ValueError, match="attach_grad_scaler is for layerwise=True"):
+        build(model).attach_grad_scaler(scaler)
+
+
+def test_layerwise_optimizer_survives_deepcopy():
+    """The copy keeps layer-wise mode and its options, with hooks on its own parameters."""
+    _, model, data, _, lw = twins(accumulation_steps=2, max_grad_norm=0.5)
+    twin = copy.deepcopy(lw)
+    assert (twin.layerwise, twin.accumulation_steps, twin.max_grad_norm) == (True, 2, 0.5)
+    originals, copies = (list(p for g in o.param_groups for p in g["params"]) for o in (lw, twin))
+    for params in (originals, copies):
+        for _ in range(2):  # one window of two micro-batches
+            sum((p * torch.arange(p.numel()).view_as(p)).sin().sum() for p in params).backward()
+    for p, q in zip(originals, copies):
+        assert torch.equal(p, q) and p.grad is None and q.grad is None
+    assert twin.state[copies[0]]["step"] == lw.state[originals[0]]["step"] == 1

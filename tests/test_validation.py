@@ -76,6 +76,20 @@ BAD_INPUTS = [
     ),
     ("adafactor clip", lambda: lo.GaLoreAdafactor(mats(), clip_threshold=0.0), r"invalid clip_threshold=0.0"),
     ("adafactor beta1", lambda: lo.GaLoreAdafactor(mats(), beta1=1.5), r"invalid beta1=1.5"),
+    ("negative scale", lambda: lo.GaLoreAdamW(low(scale=-0.25)), r"invalid scale=-0.25 in param group 0"),
+    ("zero scale", lambda: lo.FiraAdamW(mats(), rank=2, scale=0.0), r"FiraAdamW: invalid scale=0.0"),
+    ("adafactor positive decay_rate", lambda: lo.GaLoreAdafactor(mats(), decay_rate=0.8), r"invalid decay_rate=0.8.*< 0"),
+    ("adafactor zero decay_rate", lambda: lo.GaLoreAdafactor(mats(), decay_rate=0.0), r"invalid decay_rate=0.0"),
+    (
+        "integer parameter",
+        lambda: lo.GaLoreAdamW([torch.nn.Parameter(torch.ones(3, 3, dtype=torch.int64), requires_grad=False)]),
+        r"parameter #0 \(shape \(3, 3\)\) in param group 0 has dtype torch.int64",
+    ),
+    (
+        "complex parameter in projected group",
+        lambda: lo.GaLoreAdamW([{"params": [torch.nn.Parameter(torch.randn(6, 4, dtype=torch.cfloat))], "rank": 2}]),
+        r"parameter #0 \(shape \(6, 4\)\) in param group 0 cannot be projected: it is complex",
+    ),
     ("create_optimizer unknown", lambda: lo.create_optimizer("galore_sgd", mats()), r"unknown optimizer 'galore_sgd'"),
     (
         "create_optimizer bad option",
@@ -137,3 +151,57 @@ def test_signature_lists_every_hyperparameter_and_rejects_unknown_keywords(cls):
         cls(mats(), update_gap=10)
     opt = cls(mats(), rank=2, update_proj_gap=7)
     assert opt.param_groups[0]["update_proj_gap"] == 7 and "layerwise" not in opt.defaults
+
+
+def int8_model():
+    model = torch.nn.ModuleDict({"attn": torch.nn.Linear(16, 8), "mlp": torch.nn.Linear(8, 16)})
+    return lo.quant.convert_linear_to_int8(model, target_modules=("attn",), group_size=32)
+
+
+@pytest.mark.parametrize("name", [n for n in lo.available_optimizers() if n != "qgalore_adamw8bit"])
+def test_int8_weights_are_refused_by_every_optimizer_that_cannot_step_them(name):
+    """An INT8 weight's gradient is not .grad: any optimizer but Q-GaLore's would silently
+    never train it, so construction refuses it, naming the parameter."""
+    with pytest.raises(ValueError, match=r"parameter attn.weight \(shape \(8, 16\)\) in param group \d is an INT8 weight"):
+        lo.create_optimizer(name, int8_model(), target_modules=("attn",), rank=4)
+    with pytest.raises(ValueError, match=r"attn.weight .* is an INT8 weight"):  # in a dense group too
+        lo.create_optimizer(name, int8_model(), target_modules=("mlp",), rank=4)
+
+
+def test_qgalore_steps_int8_weights():
+    model = int8_model()
+    opt = lo.create_optimizer("qgalore_adamw8bit", model, target_modules=("attn",), rank=4, min_8bit_size=16)
+    before = model["attn"].weight.detach().clone()
+    model["mlp"](model["attn"](torch.randn(4, 16))).square().mean().backward()
+    opt.step()
+    assert not torch.equal(model["attn"].weight, before)
+
+
+def test_numpy_integers_and_floats_are_accepted_as_plain_numbers():
+    import numpy as np
+
+    opt = lo.GaLoreAdamW(
+        [{"params": mats(), "rank": np.int64(2), "update_proj_gap": np.int32(5)}], lr=np.float32(0.01), betas=(np.float64(0.9), 0.99)
+    )
+    group = opt.param_groups[0]
+    assert type(group["rank"]) is int and type(group["update_proj_gap"]) is int and type(group["lr"]) is float
+    assert all(type(b) is float for b in group["betas"])
+
+
+def test_adafactor_relative_step_works_with_an_lr_scheduler():
+    """With relative_step the group's lr is the relative step's multiplier (1.0), so a
+    scheduler scales the step instead of failing on lr=None."""
+    torch.manual_seed(0)
+    runs = {}
+    for factor in (1.0, 0.5):
+        params = [torch.nn.Parameter(torch.ones(8, 6)), torch.nn.Parameter(torch.ones(5))]
+        opt = lo.GaLoreAdafactor([{"params": params[:1], "rank": 2}, {"params": params[1:]}])
+        assert opt.param_groups[0]["lr"] == 1.0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: factor)
+        for p in params:
+            p.grad = torch.full_like(p, 0.5)
+        opt.step()
+        scheduler.step()
+        runs[factor] = [1 - p.detach() for p in params]
+    for full, half in zip(runs[1.0], runs[0.5]):
+        torch.testing.assert_close(half, full * 0.5)

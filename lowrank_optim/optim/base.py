@@ -37,6 +37,7 @@ from .. import _validate as V
 from .. import distributed
 from ..projectors import PROJ_TYPES, REGISTRY, Projector, RefreshFailed, is_projected, make_projector
 from ..projectors.base import CLOCK, Transition
+from ..quant.int8_linear import is_int8_weight
 
 #: Hyperparameters every LowRankOptimizer group carries, with their checks.
 COMMON_CHECKS: dict[str, V.Check] = {
@@ -45,7 +46,8 @@ COMMON_CHECKS: dict[str, V.Check] = {
     "rank": V.int_at_least(1, optional=True),
     "density": V.Check(lambda x: 0 < x <= 1, "a fraction in (0, 1]", optional=True),
     "update_proj_gap": V.int_at_least(1),
-    "scale": V.real(),
+    # 0 would silently freeze the projected weights, a negative scale climbs the loss.
+    "scale": V.pos_float(),
     "proj_type": V.choice(*PROJ_TYPES),
     "projector": V.Check(lambda name: name in REGISTRY, "a registered projector: " + ", ".join(sorted(REGISTRY))),
     "projector_args": V.Check(lambda d: isinstance(d, dict), "a dict of projector options", optional=True),
@@ -67,6 +69,18 @@ LOW_RANK_DEFAULTS: dict[str, Any] = {
     "decay_after_update": False,
     "seed": 0,
 }
+
+#: Group keys that decide what the per-parameter state means (its tensors' shapes, what a
+#: basis is): a checkpoint whose groups differ from the optimizer's in one of these does not
+#: fit it, so ``load_state_dict`` refuses it unless told ``strict=False``.
+LAYOUT_KEYS = ("rank", "density", "proj_type", "projector", "projector_args")
+
+#: Group keys that are not hyperparameters: torch's and LR schedulers' (``initial_lr``)
+#: and the group's clock.
+BOOKKEEPING_KEYS = ("params", "param_names", "initial_lr", CLOCK)
+
+#: The top-level key of ``state_dict()`` naming the class that saved it.
+SAVED_BY = "saved_by"
 
 #: Options of the optimizer as a whole (layer-wise mode), not of a group.
 LOOP_DEFAULTS: dict[str, Any] = {"layerwise": False, "accumulation_steps": 1, "max_grad_norm": None}
@@ -135,10 +149,16 @@ class LowRankOptimizer(Optimizer):
     Layer-wise mode (``layerwise=True``) steps each parameter from a
     ``register_post_accumulate_grad_hook`` as soon as its gradient is complete and then
     frees the gradient, so full-rank gradients never coexist in memory.  It honours
-    ``accumulation_steps`` (the parameter is stepped on the last micro-batch only) and
-    ``max_grad_norm`` (clipped per parameter: a global norm would need every gradient at
-    once, which is exactly what this mode avoids).  In this mode :meth:`step` only runs
-    the closure; call it (and your LR scheduler) once per optimizer step as usual.
+    ``accumulation_steps`` (backward passes are counted by the optimizer, not per
+    parameter: on the window's last backward each parameter steps as its gradient
+    arrives, and at the end of that backward the parameters that got gradients earlier in
+    the window but none in its last micro-batch step too, so no gradient leaks into the
+    next window) and ``max_grad_norm`` (clipped per parameter: a global norm would need
+    every gradient at once, which is exactly what this mode avoids).  With
+    ``torch.amp.GradScaler``, call :meth:`attach_grad_scaler` before the first backward:
+    the hooks then unscale each gradient and skip the step of a parameter whose gradient
+    is not finite (docs/guide.md).  In this mode :meth:`step` only runs the closure; call
+    it (and your LR scheduler) once per optimizer step as usual.
     """
 
     #: The method's own hyperparameters and defaults (lr, betas, ...), declared once.
@@ -164,15 +184,20 @@ class LowRankOptimizer(Optimizer):
         if values["projector_args"]:
             REGISTRY[values["projector"]].validate_options(owner, values["projector_args"], "the constructor")
         # Loop options belong to the optimizer; everything else is a per-group default.
-        self.layerwise = values.pop("layerwise")
-        self.accumulation_steps = values.pop("accumulation_steps")
-        self.max_grad_norm = values.pop("max_grad_norm")
+        for key in LOOP_DEFAULTS:
+            setattr(self, key, values.pop(key))
+        self._init_runtime()
+        super().__init__(params, V.plain(values))  # validates each group through add_param_group
+
+    def _init_runtime(self) -> None:
+        """What the optimizer keeps besides its state and groups: caches, hooks, counters.
+        Rebuilt (never pickled) after ``copy.deepcopy``/``torch.load`` of the optimizer."""
         self._warned: set[int] = set()
         self._hooks: list = []
         self._positions: dict[int, tuple[int, int]] | None = None
-        super().__init__(params, values)  # validates each group through add_param_group
-        self.register_load_state_dict_pre_hook(_keep_state_dtypes_pre)
-        self.register_load_state_dict_post_hook(_keep_state_dtypes_post)
+        self._micro_batches = 0  # backward passes completed in the current accumulation window
+        self._in_backward = False  # the end-of-backward callback is queued
+        self._grad_scaler = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Each method declares its hyperparameters once, as data (``method_defaults``);
@@ -211,25 +236,49 @@ class LowRankOptimizer(Optimizer):
             distributed.check_layerwise(type(self).__name__)
             self._register_layerwise_hooks(group)
 
+    #: Whether the class updates :class:`~lowrank_optim.quant.Int8Linear` weights (uint8
+    #: codes with a float gradient beside them); the others refuse them at construction.
+    steps_int8_weights: ClassVar[bool] = False
+
     def _validate_group(self, group: dict[str, Any], index: int) -> None:
         owner, where = type(self).__name__, f"param group {index}"
-        V.check_known_keys(owner, group, {*self.defaults, "params", "param_names", CLOCK}, f"key in {where}")
+        for key, value in group.items():
+            if key not in BOOKKEEPING_KEYS:
+                group[key] = V.plain(value)
+        V.check_known_keys(owner, group, {*self.defaults, *BOOKKEEPING_KEYS}, f"key in {where}")
         V.check_values(owner, group, self.checks(), where)
         if group["rank"] is not None and group["density"] is not None:
             raise ValueError(
                 f"{owner}: rank={group['rank']!r} and density={group['density']!r} both set in {where}: give one"
             )
-        if not is_projected(group):
-            return
-        REGISTRY[group["projector"]].validate_options(owner, group.get("projector_args"), where)
-        projector = make_projector(group)
-        names = group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
-        for name, p in zip(names, group["params"]):
-            reason = projector.validate_shape(p.shape)
+        projector = None
+        if is_projected(group):
+            REGISTRY[group["projector"]].validate_options(owner, group.get("projector_args"), where)
+            projector = make_projector(group)
+        for name, p in zip(param_names(group), group["params"]):
+            reason = self._unsupported(p, projector)
             if reason:
-                raise ValueError(
-                    f"{owner}: parameter {name} (shape {tuple(p.shape)}) in {where} cannot be projected: {reason}"
-                )
+                raise ValueError(f"{owner}: parameter {name} (shape {tuple(p.shape)}) in {where} {reason}")
+
+    def _unsupported(self, p: torch.Tensor, projector: Projector | None) -> str | None:
+        """Why this optimizer cannot train ``p`` in a group with ``projector``, or None."""
+        if is_int8_weight(p):
+            if self.steps_int8_weights:
+                return None if projector is None else _prefixed("cannot be projected: ", projector.validate_shape(p.shape))
+            return (
+                f"is an INT8 weight (Int8Linear, {p.dtype} codes): {type(self).__name__} would never update it (its "
+                "gradient is not .grad); use QGaLoreAdamW8bit, or keep the layer in floating point"
+            )
+        if not (p.is_floating_point() or p.is_complex()):
+            return f"has dtype {p.dtype}: only floating-point (or complex) parameters can be trained"
+        if projector is None:
+            return None  # dense: AdamW's arithmetic, complex parameters as real pairs (as torch does)
+        if p.is_complex():
+            return (
+                "cannot be projected: it is complex, and a low-rank basis of a complex gradient is not "
+                "implemented; put it in a group without rank (dense groups step complex parameters as torch.optim.AdamW)"
+            )
+        return _prefixed("cannot be projected: ", projector.validate_shape(p.shape))
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -239,6 +288,14 @@ class LowRankOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.layerwise and getattr(self, "grad_scale", None) is not None and self._grad_scaler is None:
+            # torch.amp.GradScaler.step() sets grad_scale before calling us: the hooks have
+            # just stepped on scaled gradients and it would find no inf checks to act on.
+            raise RuntimeError(
+                f"{type(self).__name__}: layerwise=True with torch.amp.GradScaler needs "
+                "optimizer.attach_grad_scaler(scaler) before the first backward, so that each gradient hook "
+                "unscales its gradient and skips a non-finite one (docs/guide.md)"
+            )
         if not self.layerwise:  # in layer-wise mode the gradient hooks stepped the parameters
             for group in self.param_groups:
                 projector = make_projector(group)
@@ -259,6 +316,8 @@ class LowRankOptimizer(Optimizer):
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         state = self.state[p]
+        if p.is_complex():  # dense groups only (validated): real and imaginary parts as pairs, as torch does
+            p, grad = torch.view_as_real(p), torch.view_as_real(grad)
         # A sharded (FSDP2) parameter steps on this rank's rows; see lowrank_optim.distributed.
         with distributed.local_step(p, grad, state) as local:
             self._init_state(p, state, group, projector, local.layout)
@@ -317,7 +376,11 @@ class LowRankOptimizer(Optimizer):
             pstate = state["projector"]
             if projector.should_update(pstate) and not self._refresh(p, grad, group, state, projector, layout, bases):
                 return  # no usable basis this step: skip rather than corrupt the state
+            # An fp16 low-rank gradient runs its rule in fp32 (fp32 moments, history): its
+            # squares underflow and eps=1e-8 rounds to 0 in fp16.  bf16 has fp32's range.
             low = projector.project(grad, pstate)
+            if low.dtype == torch.float16:
+                low = low.float()
             projector.tick(pstate)
         else:
             low = grad
@@ -345,9 +408,9 @@ class LowRankOptimizer(Optimizer):
         elif projector is None:
             p.add_(update.direction().to(p.dtype), alpha=-update.step_size)
         else:
-            # The basis has the gradient's dtype; fp32 rules (8-bit, Adafactor) cast down.
+            # The basis has the gradient's dtype; fp32 rules (8-bit, Adafactor, fp16) cast down.
             low_direction = update.direction().to(grad.dtype)
-            step = ParamStep(p, grad, low, low_direction, state, group, projector, layout)
+            step = ParamStep(p, grad, low.to(grad.dtype), low_direction, state, group, projector, layout)
             if low.numel():  # an empty subspace (an inactive FRUGAL block) has no update
                 direction = projector.project_back(low_direction, state["projector"]).mul_(group["scale"])
                 direction = self.full_rank_direction(direction, step)
@@ -481,18 +544,86 @@ class LowRankOptimizer(Optimizer):
 
     @torch.no_grad()
     def _layerwise_hook(self, p: torch.Tensor) -> None:
-        state = self.state[p]
-        micro = state.get("micro_batches", 0) + 1
-        if micro < self.accumulation_steps:
-            state["micro_batches"] = micro  # keep accumulating into p.grad
+        if not self._in_backward:
+            # The first gradient of this backward pass: count the pass when it ends, so
+            # every hook of one pass agrees on where it is in the accumulation window.
+            self._in_backward = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        if self._micro_batches + 1 == self.accumulation_steps:
+            self._step_layerwise(p)
+        # else: keep accumulating into p.grad
+
+    @torch.no_grad()
+    def _end_of_backward(self) -> None:
+        self._in_backward = False
+        self._micro_batches += 1
+        if self._micro_batches < self.accumulation_steps:
             return
-        state["micro_batches"] = 0
+        self._micro_batches = 0
+        # A parameter with gradients from earlier micro-batches but none from the last one
+        # has not stepped: step it now, on the window's sum, so nothing leaks into the next.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.requires_grad:
+                    self._step_layerwise(p)
+
+    def _step_layerwise(self, p: torch.Tensor) -> None:
+        if self._grad_scaler is not None and not self._unscale(p.grad):
+            p.grad = None  # overflow: skip this parameter's step, as GradScaler skips a step
+            return
         if self.max_grad_norm is not None:
             norm = p.grad.norm()
             p.grad.mul_(torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0))
         group = self.param_groups[self._position(p)[0]]
         self._step_param(p, group, make_projector(group))
         p.grad = None  # the point of layer-wise mode: free the full gradient now
+
+    # ------------------------------------------------------------------ GradScaler (layer-wise)
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # Read by torch.amp.GradScaler.step: in layer-wise mode the gradients are gone by
+        # then, so the scaler must not look for them; the hooks have unscaled them.
+        return self.layerwise
+
+    def attach_grad_scaler(self, scaler: torch.amp.GradScaler) -> None:
+        """Use ``scaler`` (``torch.amp.GradScaler``) in layer-wise mode.
+
+        Each gradient hook unscales its gradient and checks it for inf/NaN, recording the
+        result where ``scaler.step``/``scaler.update`` read it; a parameter whose gradient
+        is not finite skips its step (one host sync per parameter and step to decide it).
+        Unlike a regular step, parameters whose gradients came earlier in the same backward
+        have already stepped: the skip is per parameter, not for the whole model.
+        """
+        if not self.layerwise:
+            raise ValueError(
+                f"{type(self).__name__}: attach_grad_scaler is for layerwise=True; with layerwise=False use "
+                "scaler.step(optimizer) as with any torch optimizer"
+            )
+        if not isinstance(scaler, torch.amp.GradScaler):
+            raise ValueError(f"{type(self).__name__}: attach_grad_scaler needs a torch.amp.GradScaler, got {scaler!r}")
+        self._grad_scaler = scaler
+
+    def _unscale(self, grad: torch.Tensor) -> bool:
+        """Unscale ``grad`` in place for the attached GradScaler, record a non-finite one
+        in the scaler's bookkeeping for this optimizer; True when ``grad`` is finite."""
+        from torch.amp.grad_scaler import OptState
+
+        scaler = self._grad_scaler
+        if not scaler.is_enabled():
+            return True
+        if scaler._scale is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: the attached GradScaler has not scaled a loss yet: "
+                "use scaler.scale(loss).backward()"
+            )
+        record = scaler._per_optimizer_states[id(self)]
+        inv_scale = scaler._scale.double().reciprocal().float().to(grad.device)
+        found = torch.zeros(1, dtype=torch.float32, device=grad.device)
+        torch._amp_foreach_non_finite_check_and_unscale_([grad], found, inv_scale)
+        seen = record["found_inf_per_device"]
+        seen[grad.device] = seen[grad.device].add_(found) if grad.device in seen else found
+        record["stage"] = OptState.UNSCALED  # scaler.step must not unscale (nothing is left to)
+        return not bool(found)
 
     def remove_hooks(self) -> None:
         """Detach the layer-wise gradient hooks (e.g. before handing the model elsewhere)."""
@@ -516,44 +647,178 @@ class LowRankOptimizer(Optimizer):
             self._warned.add(key)
             warnings.warn(f"{type(self).__name__}: parameter of shape {tuple(p.shape)}: {message}", RuntimeWarning)
 
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict:
+        # torch pickles only defaults, state and groups: the loop options go along, so a
+        # deepcopy or torch.save(optimizer) steps like the original.  Caches, hook handles
+        # and an attached GradScaler are rebuilt (or re-attached) instead.
+        return {**super().__getstate__(), **{key: getattr(self, key) for key in LOOP_DEFAULTS}}
+
     def __setstate__(self, state: dict) -> None:
+        loop = {key: state.pop(key) for key in LOOP_DEFAULTS if key in state}
         super().__setstate__(state)
         # Checkpoints pickled by an older release lack newer options: fill their defaults.
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        if hasattr(self, "_hooks"):  # load_state_dict on a live optimizer: nothing else to restore
+            return
+        for key, default in LOOP_DEFAULTS.items():
+            setattr(self, key, loop.get(key, default))
+        self._init_runtime()
+        if self.layerwise:  # the hooks live on the (new) parameters, not in the pickle
+            for group in self.param_groups:
+                self._register_layerwise_hooks(group)
+
+    # ------------------------------------------------------------------ checkpoints
+    #: Per-parameter state keys of the moment rule whose dtype follows the low-rank
+    #: gradient's (the parameter's; fp32 for an fp16 projected parameter): cast on loading
+    #: into a model of another dtype.  Other float state keeps its dtype (fp32 by design:
+    #: 8-bit block scales, Adafactor's factors, Fira's norm, GradNormLoRP's magnitude).
+    param_dtype_state_keys: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
+    #: Method keys that, like :data:`LAYOUT_KEYS`, decide the state's layout.
+    method_layout_keys: ClassVar[tuple[str, ...]] = ()
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict`` plus the name of the class that saved it."""
+        return {**super().state_dict(), SAVED_BY: type(self).__name__}
+
+    def load_state_dict(self, state_dict: dict[str, Any], *, strict: bool = True) -> None:
+        """Load a checkpoint of this optimizer, refusing one that does not fit it.
+
+        Refused with a ``ValueError`` naming the group or parameter: a checkpoint saved by
+        another class (``strict=False`` loads it all the same, with its group settings), a
+        group key this class does not have (another optimizer's, e.g. ``torch.optim.AdamW``'s
+        ``amsgrad``), a group value the constructor would refuse, a group whose rank,
+        projector or other layout key differs from this optimizer's (``strict=False``: the
+        checkpoint's wins, as in torch), and per-parameter state whose shapes do not fit the
+        parameter.  Nothing changes when a check fails.
+
+        Float state follows the parameter's dtype where the method ties it to the
+        parameter (bases, Adam moments: resuming an fp32 checkpoint in a bf16 model works),
+        and keeps its own otherwise (8-bit codes and their fp32 scales, fp32-by-design
+        statistics); every tensor moves to its parameter's device.
+        """
+        owner = type(self).__name__
+        saved_by = state_dict.get(SAVED_BY)
+        if strict and saved_by is not None and saved_by != owner:
+            raise ValueError(
+                f"{owner}: the checkpoint was saved by {saved_by}; load it into {saved_by}, or pass strict=False "
+                f"to load it into {owner} with the checkpoint's group settings"
+            )
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{owner}: the checkpoint has {len(saved_groups)} param group(s), this optimizer {len(self.param_groups)}"
+            )
+        groups = [self._loaded_group(group, saved, index, strict) for index, (group, saved) in
+                  enumerate(zip(self.param_groups, saved_groups))]
+        params = {}  # saved id -> (parameter, its name, its loaded group)
+        for group, saved in zip(groups, saved_groups):
+            params.update(zip(saved["params"], zip(group["params"], param_names(group), [group] * len(saved["params"]))))
+        adopted = {}
+        for pid, pstate in state_dict["state"].items():
+            if pid not in params:
+                continue
+            p, name, group = params[pid]
+            reason = self._state_mismatch(p, pstate, group)
+            if reason:
+                raise ValueError(
+                    f"{owner}: the checkpoint's state of parameter {name} (shape {tuple(p.shape)}) in param group "
+                    f"{groups.index(group)} does not fit it: {reason}"
+                )
+            adopted[p] = self._adopt_state(p, pstate, group)
+        # torch loads the groups (and checks the parameter counts); the state, whose dtypes
+        # torch would cast wholesale (8-bit codes to floats), is put in place here.
+        super().load_state_dict({"state": {}, "param_groups": saved_groups})
+        for p, pstate in adopted.items():
+            self.state[p] = pstate
+        self._positions = None
+        self._micro_batches = 0
+
+    def _loaded_group(self, group: dict, saved: dict, index: int, strict: bool) -> dict:
+        """``saved`` as it will stand in this optimizer once loaded, validated."""
+        owner, where = type(self).__name__, f"param group {index} of the checkpoint"
+        unknown = sorted(set(saved) - {*self.defaults, *BOOKKEEPING_KEYS})
+        if unknown:
+            raise ValueError(
+                f"{owner}: {where} has keys {owner} does not have ({', '.join(map(repr, unknown))}): it was saved "
+                "by another optimizer; load it into the optimizer that saved it"
+            )
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"{owner}: {where} has {len(saved['params'])} parameters, this optimizer's {len(group['params'])}"
+            )
+        loaded = {**self.defaults, **saved, "params": group["params"]}
+        if "param_names" in group and "param_names" not in saved:
+            loaded["param_names"] = group["param_names"]
+        try:
+            self._validate_group(loaded, index)
+        except ValueError as err:
+            raise ValueError(f"{err} (loading a checkpoint)") from None
+        for key in (*LAYOUT_KEYS, *self.method_layout_keys):
+            if strict and loaded[key] != group[key]:
+                raise ValueError(
+                    f"{owner}: {where} has {key}={loaded[key]!r}, this optimizer was built with {key}={group[key]!r}; "
+                    f"build it with the checkpoint's value, or pass strict=False to take the checkpoint's"
+                )
+        return loaded
+
+    def _state_mismatch(self, p: torch.Tensor, pstate: dict, group: dict) -> str | None:
+        """Why ``pstate`` (a checkpoint's) cannot be ``p``'s state in ``group``, or None."""
+        projector = make_projector(group)
+        saved_projector = pstate.get("projector")
+        shape = tuple(torch.view_as_real(p).shape) if p.is_complex() else tuple(p.shape)
+        if projector is None:
+            if saved_projector is not None:
+                return "it holds a projector's state but the group is not projected"
+            low_shape = shape
+        else:
+            if saved_projector is None:
+                return "it holds no projector state but the group is projected" if "step" in pstate else None
+            reason = projector.state_mismatch(saved_projector, torch.Size(shape))
+            if reason:
+                return reason
+            low_shape = projector.low_shape(saved_projector, torch.Size(shape))
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = pstate.get(key)
+            if low_shape is not None and isinstance(moment, torch.Tensor) and tuple(moment.shape) != tuple(low_shape):
+                return f"{key} has shape {tuple(moment.shape)}, expected {tuple(low_shape)}"
+        return None
+
+    def _adopt_state(self, p: torch.Tensor, pstate: dict, group: dict) -> dict:
+        """A checkpoint's state of ``p`` on its device, in the dtypes the method gives it."""
+        param_dtype = torch.view_as_real(p).dtype if p.is_complex() else p.dtype
+        projector = make_projector(group)
+        low_dtype = torch.float32 if projector is not None and param_dtype == torch.float16 else param_dtype
+        adopted = {}
+        for key, value in pstate.items():
+            if key == "micro_batches":  # an older release counted layer-wise micro-batches here
+                continue
+            if key == "projector" and projector is not None:
+                value = {k: _moved(v, p, param_dtype if k in projector.param_dtype_keys else None) for k, v in value.items()}
+            else:
+                value = _moved(value, p, low_dtype if key in self.param_dtype_state_keys else None)
+            adopted[key] = value
+        return adopted
 
 
-# -------------------------------------------------------------------------- checkpoints
-# torch's load_state_dict casts every state tensor of a floating-point parameter to the
-# parameter's dtype, integer tensors included: that would turn 8-bit moments into floats
-# and round fp32 block scales to bf16.  Our state is deliberately mixed, so the pre-hook
-# takes the per-parameter state out of torch's hands and the post-hook puts it back,
-# keyed by the same id -> parameter mapping torch uses, moved to the parameter's device
-# and otherwise bit for bit.
-_STASH = "_lowrank_state_to_restore"
+def param_names(group: dict) -> list[str]:
+    """The names of a group's parameters for messages: its ``param_names``, else ``#i``."""
+    return group.get("param_names") or [f"#{i}" for i in range(len(group["params"]))]
 
 
-def _keep_state_dtypes_pre(optimizer: Optimizer, state_dict: dict) -> dict:
-    saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
-    setattr(optimizer, _STASH, (saved_ids, state_dict["state"]))
-    return {**state_dict, "state": {}}
+def _prefixed(prefix: str, reason: str | None) -> str | None:
+    return None if reason is None else prefix + reason
 
 
-def _keep_state_dtypes_post(optimizer: Optimizer) -> None:
-    saved_ids, saved_state = getattr(optimizer, _STASH)
-    delattr(optimizer, _STASH)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    by_id = dict(zip(saved_ids, params))
-    for pid, pstate in saved_state.items():
-        if pid in by_id:
-            param = by_id[pid]
-            optimizer.state[param] = _to_device(pstate, param.device)
-
-
-def _to_device(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
+def _moved(value: Any, like: torch.Tensor, dtype: torch.dtype | None) -> Any:
+    """``value`` (a tensor, or a dict of them) on ``like``'s device; floating tensors also
+    cast to ``dtype`` when one is given."""
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
+        return {k: _moved(v, like, dtype) for k, v in value.items()}
+    if not isinstance(value, torch.Tensor):
+        return value
+    if dtype is not None and value.is_floating_point():
+        return value.to(device=like.device, dtype=dtype)
+    return value.to(like.device)

@@ -112,6 +112,7 @@ class GaLoreAdamW8bit(LowRankOptimizer):
         "min_8bit_size": V.int_at_least(1),
     }
     moment_keys = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
+    param_dtype_state_keys = ()  # uint8 codes with fp32 scales, or fp32 below min_8bit_size
 
     # No eps_style: bitsandbytes places eps as torch does, with no choice.
     method_defaults = {**{k: v for k, v in ADAM_DEFAULTS.items() if k != "eps_style"}, "min_8bit_size": 4096}
@@ -174,8 +175,9 @@ class GaLoreAdamW8bit(LowRankOptimizer):
 class GaLoreAdafactor(LowRankOptimizer):
     r"""GaLore with Adafactor (Shazeer & Stern 2018) on the low-rank gradient.
 
-    With :math:`\rho_t` = ``lr`` or, when ``relative_step``, :math:`\min(10^{-2}, 1/\sqrt t)`
-    (:math:`\min(10^{-6}t, 1/\sqrt t)` with ``warmup_init``), times
+    With :math:`\rho_t` = ``lr`` or, when ``relative_step``, ``lr`` times
+    :math:`\min(10^{-2}, 1/\sqrt t)` (:math:`\min(10^{-6}t, 1/\sqrt t)` with
+    ``warmup_init``), times
     :math:`\max(\epsilon_2, \mathrm{RMS}(W))` when ``scale_parameter``:
 
     .. math::
@@ -188,19 +190,27 @@ class GaLoreAdafactor(LowRankOptimizer):
     :math:`W \leftarrow W(1-\rho_t\lambda) - \alpha\,P U`.  The second moment is factored
     (a row and a column vector) for matrices, so the state of an r x n low-rank gradient is
     r + n numbers.  The RMS clip and ``max(eps2, RMS(W))`` are tensor ops: no host sync.
+
+    With ``relative_step=True`` the constructor takes ``lr=None`` (as transformers'
+    Adafactor: an absolute lr there is a mistake) and each group stores ``lr=1.0``, the
+    multiplier of the relative step, so that LR schedulers (which multiply ``lr``) work
+    and scale it; a param group may set another multiplier explicitly.
     """
 
     method_checks = {
         "lr": V.nonneg_float(optional=True),
         "eps": V.pair_of(V.nonneg_float()),
         "clip_threshold": V.pos_float(),
-        "decay_rate": V.real(),
+        # beta2_t = 1 - t^decay_rate lies in [0, 1) only for a negative exponent.
+        "decay_rate": V.negative_float(),
         "beta1": V.unit_interval(optional=True),
         "scale_parameter": V.boolean(),
         "relative_step": V.boolean(),
         "warmup_init": V.boolean(),
     }
     moment_keys = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
+    param_dtype_state_keys = ()  # fp32 whatever the weight's dtype
+    method_layout_keys = ("beta1",)  # with or without a first moment
 
     method_defaults = {
         "lr": None,
@@ -214,11 +224,20 @@ class GaLoreAdafactor(LowRankOptimizer):
         "warmup_init": False,
     }
 
+    def __init__(self, params: Iterable, **hyperparameters):
+        values = {**self.hyperparameter_defaults(), **hyperparameters}
+        if values["relative_step"] is True and values["lr"] is not None:
+            raise ValueError(
+                f"{type(self).__name__}: lr={values['lr']!r} cannot be combined with relative_step=True in the "
+                "constructor: the step size comes from the step count; pass lr=None (or relative_step=False)"
+            )
+        super().__init__(params, **hyperparameters)
+
     def _validate_group(self, group: dict, index: int) -> None:
+        if group.get("relative_step") is True and group.get("lr") is None:
+            group["lr"] = 1.0  # the relative step's multiplier, which LR schedulers scale
         super()._validate_group(group, index)
         where = f"{type(self).__name__}: param group {index}"
-        if group["relative_step"] and group["lr"] is not None:
-            raise ValueError(f"{where}: lr={group['lr']!r} cannot be combined with relative_step=True; pass lr=None")
         if not group["relative_step"] and group["lr"] is None:
             raise ValueError(f"{where}: lr=None needs relative_step=True (or give an lr)")
         if group["warmup_init"] and not group["relative_step"]:
@@ -239,7 +258,7 @@ class GaLoreAdafactor(LowRankOptimizer):
         low = low.float()
         rate = group["lr"]
         if group["relative_step"]:
-            rate = min(1e-6 * t if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(t))
+            rate = rate * min(1e-6 * t if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(t))
         if group["scale_parameter"]:
             rate = rate * _rms(p.float()).clamp(min=group["eps"][1])
         beta2t = 1.0 - t ** group["decay_rate"]

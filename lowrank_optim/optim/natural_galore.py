@@ -107,6 +107,7 @@ class NaturalGaLoreAdamW(LowRankOptimizer):
     """
 
     method_defaults = {**ADAM_DEFAULTS, "history": 4, "damping": 1e-3, "history_on_refresh": "project"}
+    param_dtype_state_keys = (*LowRankOptimizer.param_dtype_state_keys, "grad_history")
     method_checks = {
         **ADAM_CHECKS,
         "history": V.int_at_least(1),

@@ -149,9 +149,8 @@ class Projector:
         not finite or the factorisation fails.  The finiteness check costs one host sync
         per refresh (every T steps), never one per step.
         """
+        self.require_finite(grad)
         matrix = grad.detach().float()
-        if not bool(torch.isfinite(matrix).all()):
-            raise RefreshFailed("the gradient has non-finite entries", nonfinite_gradient=True)
         try:
             new = bases if bases is not None else self.compute_bases(matrix, pstate)
         except (torch.linalg.LinAlgError, RuntimeError) as err:  # LAPACK/cuSOLVER failures
@@ -163,6 +162,40 @@ class Projector:
         pstate.update({k: compact(t.to(grad.dtype)) if t.is_floating_point() else t for k, t in new.items()})
         pstate["age"] = 0
         pstate["refreshes"] += 1
+
+    #: State keys holding tensors in the gradient's dtype (dense bases): a checkpoint
+    #: loaded into a model of another dtype casts them.  Other float state (INT4 scales,
+    #: similarity queues) keeps its dtype.
+    param_dtype_keys: ClassVar[tuple[str, ...]] = ("left", "right")
+
+    def low_shape(self, pstate: dict, shape: torch.Size) -> tuple[int, ...] | None:
+        """The shape of R for a parameter of ``shape`` (None: it varies, e.g. FRUGAL's blocks)."""
+        m, n = shape
+        rank = pstate["rank"]
+        want_left, want_right = self.sides(pstate)
+        return (rank if want_left else m, rank if want_right else n)
+
+    def state_mismatch(self, pstate: dict, shape: torch.Size) -> str | None:
+        """Why ``pstate`` (e.g. a checkpoint's) cannot be the state of a parameter of
+        ``shape``, or None.  Reads the matrix shape a projector stores and its dense bases."""
+        m, n = shape
+        stored = pstate.get("shape", (pstate["rows"], pstate["cols"]) if "rows" in pstate else None)
+        if stored is not None and tuple(stored) != (m, n):
+            return f"its projector state is for a {stored[0]}x{stored[1]} matrix"
+        left, right = pstate.get("left"), pstate.get("right")
+        if left is not None and left.shape[0] != m:
+            return f"its left basis has {left.shape[0]} rows, the parameter {m}"
+        if right is not None and right.shape[-1] != n:
+            return f"its right basis has {right.shape[-1]} columns, the parameter {n}"
+        return None
+
+    @staticmethod
+    def require_finite(grad: torch.Tensor) -> None:
+        """Raise :class:`RefreshFailed` when ``grad`` has a non-finite entry: a refresh on
+        it would poison the basis, and the step on it the moments and weights.  One host
+        sync per refresh (every T steps), never one per step."""
+        if not bool(torch.isfinite(grad).all()):
+            raise RefreshFailed("the gradient has non-finite entries", nonfinite_gradient=True)
 
     def compute_bases(self, matrix: torch.Tensor, pstate: dict) -> dict[str, torch.Tensor]:
         """New bases for fp32 ``matrix``: ``{"left": P}``, ``{"right": Q}`` or both, per side

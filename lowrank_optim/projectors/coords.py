@@ -92,13 +92,20 @@ class CoordinateProjector(Projector):
         return pstate
 
     def update(self, grad: torch.Tensor, pstate: dict) -> None:
-        # Data-independent: a non-finite gradient cannot spoil the new selection.
+        # Data-independent, but the step on a non-finite gradient is skipped as with every
+        # projector (it would poison the moments and the weights).
+        self.require_finite(grad)
         pstate["refreshes"] += 1
         pstate["age"] = 0
         length = self.length(torch.Size(pstate["shape"]))
         gen = self.generator(pstate["seed"], pstate["refreshes"], grad.device)
         chosen = torch.randperm(length, generator=gen, device=grad.device)[: pstate["rank"]]
         pstate["indices"] = chosen.sort().values.to(_index_dtype(length))
+
+    def low_shape(self, pstate: dict, shape: torch.Size) -> tuple[int, ...] | None:
+        if self.dim is None:
+            return (pstate["rank"],)  # entries: R is the flat selection
+        return super().low_shape(pstate, shape)
 
     def _indices(self, pstate: dict, like: torch.Tensor) -> torch.Tensor:
         return pstate["indices"].to(device=like.device, dtype=torch.int64)
@@ -193,7 +200,11 @@ class BlockProjector(Projector):
     def should_update(self, pstate: dict) -> bool:
         return pstate["refreshes"] == 0 or pstate["round"] != self.current_round()
 
+    def low_shape(self, pstate: dict, shape: torch.Size) -> tuple[int, ...] | None:
+        return None  # the whole matrix when active, no rows when not
+
     def update(self, grad: torch.Tensor, pstate: dict) -> None:
+        self.require_finite(grad)  # skip the step on a non-finite gradient, as every projector does
         r = self.current_round()
         pstate.update(round=r, active=int(pstate["slot"] in self.active_slots(r, pstate)), age=0)
         pstate["refreshes"] += 1

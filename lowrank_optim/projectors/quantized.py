@@ -104,9 +104,8 @@ class QuantizedProjector(Projector):
         Same contract as :meth:`Projector.update`: raises :class:`RefreshFailed` and leaves
         ``pstate`` untouched when the gradient or the factorisation is not finite.
         """
+        self.require_finite(grad)
         matrix = grad.detach().float()
-        if not bool(torch.isfinite(matrix).all()):
-            raise RefreshFailed("the gradient has non-finite entries", nonfinite_gradient=True)
         try:
             dense = self.inner_projector.compute_bases(matrix, pstate)
         except (torch.linalg.LinAlgError, RuntimeError) as err:

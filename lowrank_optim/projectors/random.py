@@ -31,8 +31,10 @@ class RandomProjector(Projector):
         return pstate
 
     def update(self, grad: torch.Tensor, pstate: dict) -> None:
-        # Nothing to factorise: a refresh only moves to the next seed, so a non-finite
-        # gradient cannot spoil it.
+        # Nothing to factorise: a refresh only moves to the next seed.  A non-finite
+        # gradient is still refused, so that the step on it is skipped as with every
+        # projector (it would poison the moments and the weights).
+        self.require_finite(grad)
         pstate["age"] = 0
         pstate["refreshes"] += 1
 
