@@ -54,6 +54,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lowrank_optim
+from lowrank_optim import _validate as V
 from lowrank_optim.memory import state_bytes  # bytes the optimizer state keeps alive
 
 VOCAB_SIZE = 256  # one token per byte value (unless --tokenized)
@@ -812,7 +813,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What each numeric flag must be, checked once the defaults are resolved; a flag that may
+#: be left unset allows None.  tests/test_pretrain_script.py checks every numeric flag is here.
+FLAG_CHECKS: dict[str, V.Check] = {
+    "steps": V.int_at_least(1),
+    "batch_size": V.int_at_least(1),
+    "seq_len": V.int_at_least(1),
+    # Zero or less would train nothing, or uphill; the optimizers accept lr=0 and any scale.
+    "lr": V.pos_float(),
+    "galore_lr": V.pos_float(),
+    "scale": V.pos_float(),
+    "weight_decay": V.nonneg_float(),
+    "rank": V.int_at_least(1),
+    "update_proj_gap": V.int_at_least(1),
+    "warmup": V.int_at_least(0),
+    "eval_every": V.int_at_least(0),
+    "eval_batches": V.int_at_least(1),
+    # torch takes 64-bit seeds; each rank adds its rank, so leave headroom above.
+    "seed": V.Check(lambda s: -(2**63) <= s < 2**63, "an integer in [-2**63, 2**63)"),
+    "grad_accum": V.int_at_least(1),
+    # 0 is refused, not read as "off": clipping to norm 0 would erase every update.
+    "clip_grad": V.pos_float(optional=True),
+    "vocab_size": V.int_at_least(1, optional=True),
+    # Both splits must be non-empty; outside (0, 1) the split fails later with a misleading message.
+    "validation_fraction": V.Check(lambda f: 0 < f < 1, "a number in (0, 1)"),
+    "corpus_bytes": V.int_at_least(1),
+    "save_every": V.int_at_least(0),
+    "threads": V.int_at_least(0),
+}
+
+
+def device_problem(text: str) -> str | None:
+    """Why ``--device text`` cannot be used on this machine, or None."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        return f"not a torch device ({error})"
+    if device.type == "cpu":
+        return None
+    # Asked of torch.cuda, torch.mps, ... without touching the device: under --ddp each rank
+    # later picks its own GPU, and a context made here on GPU 0 would stay there.
+    backend = getattr(torch, device.type, None)
+    if not hasattr(backend, "is_available"):
+        return f"cannot train on {device.type}: use cpu or an accelerator (cuda, mps, xpu)"
+    if not backend.is_available():
+        return f"{device.type.upper()} is not available on this machine"
+    if device.index is not None and device.index >= backend.device_count():
+        return f"this machine has {backend.device_count()} {device.type} device(s)"
+    return None
+
+
+def optimizer_problem(args: argparse.Namespace) -> str | None:
+    """The first complaint of an optimizer's constructor about its settings, or None.
+    Each optimizer is built on a meta-device copy of the model (no memory, no compute), so
+    its own checks judge the settings, shapes and dtype included, and the script keeps no
+    copy of their rules."""
+    with torch.device("meta"):
+        # The vocabulary only sizes the dense embedding and head: any stands in for --tokenized's.
+        model = build_model(args.model, args.seq_len, args.vocab_size or VOCAB_SIZE).to(dtype=DTYPES[args.dtype])
+    for name in args.optimizers:
+        try:
+            make_optimizer(name, model, args)
+        except (ValueError, TypeError) as error:
+            return f"{name}: {error}"
+    return None
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The flags, every value checked before any data is read or weights allocated: a bad one
+    ends the run with argparse's one-line usage error (exit status 2), not a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:  # re-parse so that explicit flags override the quick defaults
@@ -828,15 +897,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.seq_len = shape.seq_len
     if args.rank is None:
         args.rank = shape.galore_rank
-    for flag in ("steps", "batch_size", "seq_len", "eval_batches", "update_proj_gap", "rank", "grad_accum"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for dest, check in FLAG_CHECKS.items():
+        if not check(getattr(args, dest)):
+            parser.error(f"--{dest.replace('_', '-')} must be {check.expected}, got {getattr(args, dest)!r}")
     if args.save_every and not args.save_dir:
         parser.error("--save-every needs --save-dir")
+    if args.vocab_size is not None and not args.tokenized:
+        parser.error(f"--vocab-size {args.vocab_size} needs --tokenized (bytes always have 256 values)")
+    problem = device_problem(args.device)
+    if problem:
+        parser.error(f"--device {args.device!r}: {problem}")
     try:
         args.opt_args = parse_opt_args(args.opt_arg, args.optimizers)
     except ValueError as error:
         parser.error(str(error))
+    problem = optimizer_problem(args)
+    if problem:
+        parser.error(problem)
     return args
 
 

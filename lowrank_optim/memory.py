@@ -725,9 +725,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for --measure")
     parser.add_argument("--wandb", action="store_true", help="also log a wandb table")
     args = parser.parse_args(argv)
+    _check_args(parser, args)
     names = [o.strip() for o in args.optimizers.split(",") if o.strip()]
-    for o in names:
-        _check_optimizer(o)
     if args.paper:
         note = ("GaLore paper Table 2 memory column: BF16 weights + optimizer states, no gradients, LM head "
                 f"untied and {'projected' if args.project_lm_head else 'full-rank'}, attention+MLP projected; "
@@ -762,6 +761,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.wandb:
         log_wandb(estimates)
     return 0
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a bad value before any work, with argparse's one-line usage error (exit 2)."""
+    from pathlib import Path
+
+    from . import _validate as V
+    from .optim.base import COMMON_CHECKS
+
+    # --rank and --density follow the optimizers' own rules for the same hyperparameters.
+    checks = {"rank": COMMON_CHECKS["rank"], "density": COMMON_CHECKS["density"], "steps": V.int_at_least(1)}
+    for dest, check in checks.items():
+        if not check(getattr(args, dest)):
+            parser.error(f"--{dest} must be {check.expected}, got {getattr(args, dest)!r}")
+    names = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    if not names:
+        parser.error(f"--optimizers {args.optimizers!r}: name at least one of {', '.join(available_estimators())}")
+    for o in names:
+        try:
+            _check_optimizer(o)
+        except ValueError as err:
+            parser.error(f"--optimizers: {err}")
+    # Refused rather than created: a typo in the path should not leave new folders behind.
+    if args.plot and not Path(args.plot).absolute().parent.is_dir():
+        parser.error(f"--plot {args.plot!r}: folder {str(Path(args.plot).parent)!r} does not exist")
+    if args.measure:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as err:
+            parser.error(f"--device {args.device!r}: not a torch device ({err})")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device!r}: CUDA is not available on this machine")
 
 
 if __name__ == "__main__":

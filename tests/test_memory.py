@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -231,8 +232,6 @@ def test_bad_inputs():
         mem.estimate("60m", "adamw", dtype="int3")
     with pytest.raises(ValueError, match="valid ones"):
         mem.render([mem.estimate("60m", "adamw")], "xml")
-    with pytest.raises(ValueError):
-        mem.main(["--optimizers", "adamw,bogus"])
 
 
 def test_cli(tmp_path, capsys):
@@ -254,6 +253,38 @@ def test_cli_subprocess():
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert len(rows) == 4 and "GiB" in proc.stderr
     assert float(rows[3]["paper_galore"]) == 4.38
+
+
+#: (argv, what the one error line must say); MISSING is a folder that does not exist.
+MISSING = "{missing}"
+BAD_ARGS = [
+    (["--rank", "0"], r"--rank must be an integer >= 1, got 0"),
+    (["--rank", "-5"], r"--rank .* got -5"),
+    (["--density", "2"], r"--density must be a fraction in \(0, 1\], got 2\.0"),
+    (["--density", "0"], r"--density .* got 0\.0"),
+    (["--density", "nan"], r"--density .* got nan"),
+    (["--steps", "0"], r"--steps must be an integer >= 1, got 0"),
+    (["--optimizers", ""], r"--optimizers '': name at least one of adamw"),
+    (["--optimizers", " , "], r"--optimizers ' , ': name at least one"),
+    (["--optimizers", "adamw,bogus"], r"--optimizers: unknown optimizer 'bogus'; valid ones: adamw"),
+    (["--plot", f"{MISSING}/out.png"], r"--plot '.*/missing/out\.png': folder '.*/missing' does not exist"),
+    (["--measure", "--device", "cuda"], r"--device 'cuda': CUDA is not available on this machine"),
+    (["--measure", "--device", "gpu0"], r"--device 'gpu0': not a torch device"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGS, ids=[" ".join(argv) for argv, _ in BAD_ARGS])
+def test_cli_bad_values_end_in_one_usage_error(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device cuda refused on any machine
+    argv = [a.replace(MISSING, str(tmp_path / "missing")) for a in argv]
+    with pytest.raises(SystemExit) as exited:
+        mem.main(argv)
+    assert exited.value.code == 2
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and re.search(message, errors[0]), err
+    assert "Traceback" not in err and out == ""  # refused before any table was printed
+    assert not (tmp_path / "missing").exists()
 
 
 def test_wandb_table_disabled_mode(monkeypatch):

@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -101,6 +102,85 @@ def test_corpus_is_deterministic_and_split_at_the_end(pretrain, tmp_path):
 def test_unknown_optimizer_is_rejected(pretrain):
     with pytest.raises(SystemExit):
         pretrain.main(["--quick", "--optimizers", "adamw,not_an_optimizer"])
+
+
+# ---------------------------------------------------------------------------- argument errors
+#: (argv, what the one error line must say): each flag with a value the run cannot honour.
+BAD_ARGS = [
+    (["--clip-grad", "-1"], r"--clip-grad must be a finite number > 0, got -1\.0"),
+    (["--clip-grad", "0"], r"--clip-grad .* got 0\.0"),
+    (["--clip-grad", "nan"], r"--clip-grad .* got nan"),
+    (["--warmup", "-3"], r"--warmup must be an integer >= 0, got -3"),
+    (["--eval-every", "-1"], r"--eval-every .* got -1"),
+    (["--validation-fraction", "1.5"], r"--validation-fraction must be a number in \(0, 1\), got 1\.5"),
+    (["--validation-fraction", "0"], r"--validation-fraction .* got 0\.0"),
+    (["--weight-decay", "-0.1"], r"--weight-decay .* got -0\.1"),
+    (["--weight-decay", "nan"], r"--weight-decay .* got nan"),
+    (["--corpus-bytes", "0"], r"--corpus-bytes must be an integer >= 1, got 0"),
+    (["--lr", "-1"], r"--lr must be a finite number > 0, got -1\.0"),
+    (["--lr", "inf"], r"--lr .* got inf"),
+    (["--galore-lr", "0"], r"--galore-lr .* got 0\.0"),
+    (["--scale", "nan"], r"--scale .* got nan"),
+    (["--scale", "0"], r"--scale .* got 0\.0"),
+    (["--steps", "0"], r"--steps must be an integer >= 1, got 0"),
+    (["--batch-size", "0"], r"--batch-size .* got 0"),
+    (["--seq-len", "-1"], r"--seq-len .* got -1"),
+    (["--rank", "0"], r"--rank .* got 0"),
+    (["--update-proj-gap", "0"], r"--update-proj-gap .* got 0"),
+    (["--eval-batches", "0"], r"--eval-batches .* got 0"),
+    (["--grad-accum", "0"], r"--grad-accum .* got 0"),
+    (["--seed", str(2**64)], rf"--seed .* got {2**64}"),
+    (["--save-every", "-1"], r"--save-every .* got -1"),
+    (["--threads", "-2"], r"--threads .* got -2"),
+    (["--vocab-size", "0", "--tokenized", "ids.pt"], r"--vocab-size .* got 0"),
+    (["--vocab-size", "300"], r"--vocab-size 300 needs --tokenized"),
+    (["--optimizers", "adamw,bogus"], r"--optimizers: unknown \['bogus'\]"),
+    (["--optimizers", ","], r"--optimizers: unknown empty list"),
+    (["--device", "cuda"], r"--device 'cuda': CUDA is not available on this machine"),
+    (["--device", "gpu0"], r"--device 'gpu0': not a torch device"),
+    (["--device", "meta"], r"--device 'meta': cannot train on meta"),
+    # the optimizers' own messages, which name the class, the key and the value
+    (["--opt-arg", "galore_adamw:rank=0"], r"galore_adamw: GaLoreAdamW: invalid rank=0 .*must be an integer >= 1"),
+    (["--opt-arg", "galore_adamw:scale=nan"], r"galore_adamw: GaLoreAdamW: invalid scale=nan"),
+    (["--opt-arg", "galore_adamw:density=1.5"], r"GaLoreAdamW: invalid density=1\.5"),
+    (["--optimizers", "adamw", "--opt-arg", "lr=-1"], r"adamw: Invalid learning rate: -1\.0"),
+    (["--optimizers", "adamw", "--opt-arg", "betas=(1.5,0.9)"], r"adamw: Invalid beta parameter at index 0: 1\.5"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGS, ids=[" ".join(argv) for argv, _ in BAD_ARGS])
+def test_bad_values_end_in_one_usage_error(pretrain, capsys, monkeypatch, argv, message):
+    # As on a machine without a GPU, so that --device cuda is refused everywhere.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def no_work(*_, **__):
+        raise AssertionError("the arguments were accepted: data loading started")
+
+    monkeypatch.setattr(pretrain, "load_data", no_work)
+    with pytest.raises(SystemExit) as exited:
+        pretrain.main(argv)
+    assert exited.value.code == 2
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and re.search(message, errors[0]), err
+    assert "Traceback" not in err and out == ""
+
+
+def test_every_numeric_flag_is_checked_and_tested(pretrain):
+    numeric = {action.dest for action in pretrain.build_parser()._actions if action.type in (int, float)}
+    assert numeric == set(pretrain.FLAG_CHECKS)
+    tested = {argv[0] for argv, _ in BAD_ARGS}
+    assert {"--" + dest.replace("_", "-") for dest in numeric} <= tested
+
+
+def test_values_at_the_limits_are_accepted(pretrain):
+    args = pretrain.parse_args(
+        ["--clip-grad", "0.5", "--warmup", "0", "--eval-every", "0", "--validation-fraction", "0.5",
+         "--weight-decay", "0", "--save-every", "0", "--threads", "0", "--seed", "-1", "--device", "cpu",
+         "--tokenized", "ids.pt", "--vocab-size", "300", "--opt-arg", "galore_adamw:rank=4,scale=2.0"]
+    )
+    assert (args.clip_grad, args.warmup, args.validation_fraction, args.vocab_size) == (0.5, 0, 0.5, 300)
+    assert args.opt_args["galore_adamw"] == {"rank": 4, "scale": 2.0}
 
 
 def test_readme_main_command_runs_in_short_form():
