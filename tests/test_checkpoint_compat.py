@@ -1,0 +1,40 @@
+"""Checkpoints written by an earlier release load and continue exactly as they did then.
+
+``fixtures/checkpoints_v1.pt`` holds, for every configuration of ``conftest.OPTIMIZER_CASES``,
+the parameters and optimizer state after 5 steps and the parameters 4 steps later, as
+written by the template-loop step engine (``fixtures/make_checkpoints.py``).  A change to
+the engine or to the state layout must keep loading them (old layouts are converted on
+load) and continue bit for bit.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import OPTIMIZER_CASES, fake_grads, make_params
+
+FIXTURE = torch.load(Path(__file__).parent / "fixtures" / "checkpoints_v1.pt", weights_only=True)
+
+
+def test_the_fixture_covers_every_configuration():
+    assert set(FIXTURE["records"]) == set(OPTIMIZER_CASES)
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE["records"]))
+def test_old_checkpoint_loads_and_continues_identically(name):
+    record = FIXTURE["records"][name]
+    mats, bias = make_params()
+    params = [*mats, bias]
+    with torch.no_grad():
+        for p, saved in zip(params, record["params"]):
+            p.copy_(saved)
+    opt = OPTIMIZER_CASES[name](mats, bias)
+    opt.load_state_dict(record["optim"])
+    start = FIXTURE["saved_at"]
+    for t in range(start, start + FIXTURE["continued"]):
+        fake_grads(params, t)
+        opt.step()
+    for p, expected in zip(params, record["expected"]):
+        assert torch.equal(p, expected)
