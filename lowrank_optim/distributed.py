@@ -171,7 +171,7 @@ def _wrap_state(state: dict, local_param: torch.Tensor, layout: ShardLayout) -> 
 #: The template's hooks (see :class:`~lowrank_optim.optim.base.LowRankOptimizer`).
 HOOKS = (
     "gradient", "prepare_gradient", "open_weight", "close_weight", "after_refresh", "transform_low_rank_grad",
-    "full_rank_direction", "state_free_update", "init_moments", "moment_update", "remap_moments",
+    "full_rank_direction", "factored_update", "materializes_direction", "state_free_update",
 )
 
 
@@ -191,6 +191,8 @@ def check_method(optimizer: torch.optim.Optimizer, layout: ShardLayout | None) -
         owner = next(k for k in cls.__mro__ if name in vars(k))
         if name not in vars(owner).get("shard_safe_hooks", ()):  # the class's own list, not inherited
             unaudited.append(f"{owner.__name__}.{name}")
+    if not cls.moment_rule.shard_safe:  # e.g. 8-bit blocks or Adafactor's row/column means
+        unaudited.append(f"the {type(cls.moment_rule).__name__} moment rule")
     if unaudited:
         raise ValueError(
             f"{cls.__name__}: sharded (FSDP2/DTensor) parameters with placements {layout.placements} are not "

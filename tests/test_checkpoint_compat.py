@@ -4,7 +4,8 @@
 the parameters and optimizer state after 5 steps and the parameters 4 steps later, as
 written by the template-loop step engine (``fixtures/make_checkpoints.py``).  A change to
 the engine or to the state layout must keep loading them (old layouts are converted on
-load) and continue bit for bit.
+load) and continue as they did: bit for bit where the arithmetic is the same, within
+rounding where the engine now projects back straight into the weight.
 """
 from __future__ import annotations
 
@@ -36,5 +37,12 @@ def test_old_checkpoint_loads_and_continues_identically(name):
     for t in range(start, start + FIXTURE["continued"]):
         fake_grads(params, t)
         opt.step()
-    for p, expected in zip(params, record["expected"]):
-        assert torch.equal(p, expected)
+    # The dense group's update is torch AdamW's arithmetic in both engines: the same bits.
+    assert torch.equal(bias, record["expected"][-1])
+    group = opt.param_groups[0]
+    pinned = group.get("eps_style") == "hf" or opt.materializes_direction(group, opt._projector(0))
+    for p, expected in zip(mats, record["expected"]):
+        if pinned:  # the full-size direction is still formed and added: the same bits
+            assert torch.equal(p, expected)
+        else:  # projected back straight into the weight (one addmm_): rounding moves by an ulp
+            torch.testing.assert_close(p, expected, rtol=1e-6, atol=1e-6)

@@ -152,13 +152,19 @@ def test_matrix_scaling_differs_from_column():
 
 # ---------------------------------------------------------------------------- norm-growth limiter
 class RecordingFira(FiraAdamW):
-    """Records the residual the hook adds: (direction after - before) / scale in paper mode."""
+    """Records the residual the update adds: c φ (G - P R) in the paper's factored form,
+    (direction after - before) in the reference's."""
+
+    def factored_update(self, step):
+        low_direction, coefficient = super().factored_update(step)
+        inside = step.projector.project_back(step.low, step.state["projector"])
+        self.residuals = getattr(self, "residuals", []) + [coefficient * (step.grad - inside)]
+        return low_direction, coefficient
 
     def full_rank_direction(self, direction, step):
         before = direction.clone()
         after = super().full_rank_direction(direction, step)
-        scale = 1.0 if step.group["reference_compat"] else step.group["scale"]
-        self.residuals = getattr(self, "residuals", []) + [(after - before) / scale]
+        self.residuals = getattr(self, "residuals", []) + [after - before]
         return after
 
 
@@ -190,8 +196,11 @@ def test_limiter_clamps_a_spike_to_exactly_gamma_times_the_previous_norm():
     assert torch.equal(norms[3], norms[2] * gamma)  # the 100x spike: stored norm exactly gamma x previous
     torch.testing.assert_close(applied[3], norms[2] * gamma, rtol=1e-5, atol=0)  # and the residual obeys it
     # A gradient (almost) inside the subspace: the residual collapses and is not lifted back.
+    # Its norm comes from ‖G‖² - ‖R‖² per channel (no residual is formed), which loses the
+    # relative precision eps ‖G‖²/‖S‖² ≈ 1e-7 / 1e-6 here: a few percent of a residual that
+    # is itself 1e-3 of the gradient.
     assert norms[4] < norms[3] / 10
-    torch.testing.assert_close(applied[4], norms[4], rtol=1e-5, atol=0)
+    torch.testing.assert_close(applied[4], norms[4], rtol=5e-2, atol=0)
 
 
 def test_limiter_reference_arithmetic_and_disabled():

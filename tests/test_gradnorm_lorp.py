@@ -65,7 +65,7 @@ def test_prepare_gradient_equals_autograd(shape, magnitude):
     grad_v, grad_g, grad_w = autograd_reference(v, g)
     p = torch.nn.Parameter(sign * v)
     opt = GradNormLoRPAdamW([{"params": [p], "rank": 2}])
-    state = {"magnitude": g.clone(), "magnitude_step": 0}
+    state = {"magnitude": g.clone(), "magnitude_moments": {"step": 0}}
     out = opt.prepare_gradient(p, grad_w, state, opt.param_groups[0])
     torch.testing.assert_close(out, grad_v, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(opt._magnitude_grads[id(p)][0], grad_g, rtol=1e-5, atol=1e-5)
@@ -219,14 +219,17 @@ def test_state_holds_no_full_size_tensor(cls, kw):
         m, n = p.shape
         state = opt.state[p]
         low = (m, 3) if m >= n else (3, n)
-        expected = {"exp_avg": low, "exp_avg_sq": low, "magnitude": (m, 1),
-                    "magnitude_exp_avg": (m, 1), "magnitude_exp_avg_sq": (m, 1)}
+        expected = {"exp_avg": low, "exp_avg_sq": low, "magnitude": (m, 1)}
+        expected_magnitude = {"exp_avg": (m, 1), "exp_avg_sq": (m, 1)}
         if cls is GradNormLoRPAdamW8bit:
             expected.update(exp_avg_absmax=(1,), exp_avg_sq_absmax=(1,))
             if m >= 16:
-                expected.update(magnitude_exp_avg_absmax=(1,), magnitude_exp_avg_sq_absmax=(1,))
+                expected_magnitude.update(exp_avg_absmax=(1,), exp_avg_sq_absmax=(1,))
         shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
         assert shapes == expected
+        moments = state["magnitude_moments"]
+        assert {k: tuple(v.shape) for k, v in moments.items() if k != "step"} == expected_magnitude
+        assert moments["step"] == 4
         basis = state["projector"].get("right", state["projector"].get("left"))
         assert tuple(basis.shape) == ((3, n) if m >= n else (m, 3))
         assert state["magnitude"].dtype == torch.float32
@@ -264,7 +267,7 @@ def test_magnitude_is_learned_and_kept():
     assert (start - target).abs().max() > 1.0
     torch.testing.assert_close(w.detach().norm(dim=1), target, atol=0.1, rtol=0)
     torch.testing.assert_close(history[-1], target, atol=0.1, rtol=0)
-    assert opt.state[w]["magnitude_step"] == 150
+    assert opt.state[w]["magnitude_moments"]["step"] == 150
 
 
 def test_weight_decay_shrinks_the_magnitude_not_the_direction():
@@ -342,8 +345,9 @@ def test_8bit_updates_weights_with_uint8_moments():
         assert (p - q).norm() < 0.2 * (q - s).norm()  # 8-bit moments: close to fp32's step
     state = opt8.state[mats[0]]  # 24 x 10: 72-element moments, 24-row magnitude
     assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.uint8
-    assert state["magnitude_exp_avg"].dtype == state["magnitude_exp_avg_sq"].dtype == torch.uint8
-    assert opt8.state[mats[1]]["magnitude_exp_avg"].dtype == torch.float32  # 9 rows < 16: fp32, as bnb
+    magnitude_moments = state["magnitude_moments"]
+    assert magnitude_moments["exp_avg"].dtype == magnitude_moments["exp_avg_sq"].dtype == torch.uint8
+    assert opt8.state[mats[1]]["magnitude_moments"]["exp_avg"].dtype == torch.float32  # 9 rows < 16: fp32, as bnb
     torch.testing.assert_close(mats[0].detach().norm(dim=1, keepdim=True), state["magnitude"], rtol=1e-5, atol=1e-5)
 
 

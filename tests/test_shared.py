@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lowrank_optim as lo
-from conftest import OPTIMIZER_CASES, NoHostSync, assert_same_state, fake_grads, make_params
+from conftest import OPTIMIZER_CASES, NoHostSync, assert_same_state, fake_grads, make_params, state_tensors
 
 
 def run(opt, params, steps, start=0):
@@ -361,3 +361,57 @@ def test_complex_parameters_in_dense_groups_are_torch_adamw_bit_for_bit(cls):
         opt.step()
         torch_opt.step()
     assert torch.equal(ours, ref) and ours.imag.abs().sum() > 0
+
+
+def test_bulk_and_per_parameter_paths_agree(optimizer_case, monkeypatch):
+    """The bulk path (a group's parameters stepped together, the moment rule's foreach
+    kernels) and the per-parameter path (foreach=False) give the same training, across
+    refreshes (gap 3) and every on_refresh mode of the table."""
+    _, build = optimizer_case
+    bulk_sizes = []
+    original = lo.optim.base.LowRankOptimizer._step_many
+
+    def recording(self, params, *args):
+        bulk_sizes.append(len(params))
+        return original(self, params, *args)
+
+    monkeypatch.setattr(lo.optim.base.LowRankOptimizer, "_step_many", recording)
+    runs = []
+    for foreach in (None, False):
+        mats, bias = make_params()
+        opt = build(mats, bias)
+        opt.foreach = foreach
+        run(opt, [*mats, bias], 8)
+        runs.append((opt, [*mats, bias]))
+    assert bulk_sizes and all(n >= 1 for n in bulk_sizes)  # the first run took the bulk path
+    (bulk, bulk_params), (single, single_params) = runs
+    for p, q in zip(bulk_params, single_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    fa, fb = state_tensors(bulk), state_tensors(single)
+    assert fa.keys() == fb.keys()
+    for key, value in fa.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            torch.testing.assert_close(value, fb[key], rtol=1e-6, atol=1e-6)
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(value, fb[key]), key
+        else:
+            assert value == fb[key], key
+
+
+@pytest.mark.parametrize("cls", [lo.GaLoreAdamW, lo.DCTAdamW, lo.GaLoreAdamW8bit, lo.GaLoreAdafactor])
+def test_template_methods_step_projected_groups_in_bulk(cls, monkeypatch):
+    """GaLore-style classes (every projection hook at its default) step all the matrices of
+    a projected group together; foreach=False steps them one by one."""
+    seen = []
+    original = lo.optim.base.LowRankOptimizer._step_many
+    monkeypatch.setattr(lo.optim.base.LowRankOptimizer, "_step_many",
+                        lambda self, params, *a: (seen.append(len(params)), original(self, params, *a))[1])
+    mats, bias = make_params()
+    opt = cls([{"params": mats, "rank": 3}, {"params": [bias]}])
+    fake_grads([*mats, bias], 0)
+    opt.step()
+    assert seen == [2, 1]
+    seen.clear()
+    opt.foreach = False
+    opt.step()
+    assert seen == []

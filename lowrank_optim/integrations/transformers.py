@@ -69,7 +69,7 @@ TRAINER_OWNED = {
 }
 
 #: Types of keywords whose default is None (the default cannot tell).
-_NONE_DEFAULT_TYPES = {"rank": int, "density": float, "lr": float, "beta1": float, "projector_args": dict}
+_NONE_DEFAULT_TYPES = {"rank": int, "density": float, "lr": float, "beta1": float, "projector_args": dict, "foreach": bool}
 
 _registered: set[str] = set()
 

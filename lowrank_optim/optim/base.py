@@ -38,6 +38,7 @@ from .. import distributed
 from ..projectors import PROJ_TYPES, REGISTRY, Projector, RefreshFailed, is_projected, make_projector
 from ..projectors.base import CLOCK, Transition
 from ..quant.int8_linear import is_int8_weight
+from .rules import Adam, MomentRule, Update
 
 #: Hyperparameters every LowRankOptimizer group carries, with their checks.
 COMMON_CHECKS: dict[str, V.Check] = {
@@ -83,11 +84,15 @@ BOOKKEEPING_KEYS = ("params", "param_names", "initial_lr", CLOCK)
 SAVED_BY = "saved_by"
 
 #: Options of the optimizer as a whole (layer-wise mode), not of a group.
-LOOP_DEFAULTS: dict[str, Any] = {"layerwise": False, "accumulation_steps": 1, "max_grad_norm": None}
+#: ``foreach``: None or True steps the parameters of a group together where the method
+#: allows (one foreach kernel per operation of the moment rule); False steps each on its own
+#: (the same arithmetic, one parameter at a time: for debugging and comparison).
+LOOP_DEFAULTS: dict[str, Any] = {"layerwise": False, "accumulation_steps": 1, "max_grad_norm": None, "foreach": None}
 LOOP_CHECKS: dict[str, V.Check] = {
     "layerwise": V.boolean(),
     "accumulation_steps": V.int_at_least(1),
     "max_grad_norm": V.pos_float(optional=True),
+    "foreach": V.Check(lambda x: isinstance(x, bool), "True, False or None", optional=True),
 }
 
 #: Adam's own hyperparameters and their defaults (``torch.optim.AdamW``'s), shared by the
@@ -104,24 +109,6 @@ ADAM_CHECKS: dict[str, V.Check] = {
     "eps": V.nonneg_float(),
     "eps_style": V.choice("torch", "hf"),
 }
-
-
-class Update(NamedTuple):
-    """What a moment rule hands back: the direction ``numer / denom`` and its step size.
-
-    Keeping numerator and denominator apart lets a dense group finish with the same
-    ``addcdiv_`` as ``torch.optim.AdamW`` (bit-identical), while a projected group divides
-    once and projects the quotient back.  ``decay_lr`` overrides the lr used for weight
-    decay (Adafactor's relative step); it may be a 0-dim tensor (no host sync).
-    """
-
-    numer: torch.Tensor
-    denom: torch.Tensor | None
-    step_size: float
-    decay_lr: Any = None
-
-    def direction(self) -> torch.Tensor:
-        return self.numer if self.denom is None else self.numer / self.denom
 
 
 class ParamStep(NamedTuple):
@@ -142,9 +129,9 @@ class ParamStep(NamedTuple):
 class LowRankOptimizer(Optimizer):
     """Base class: param groups, lazy state, validation and the template step.
 
-    Subclasses set :attr:`method_checks` and usually override only the moment rule
-    (:meth:`init_moments`, :meth:`moment_update`, :meth:`remap_moments`) or the two
-    projection hooks (:meth:`transform_low_rank_grad`, :meth:`full_rank_direction`).
+    Subclasses set :attr:`method_checks`, compose a :attr:`moment_rule` and usually
+    override only the projection hooks (:meth:`transform_low_rank_grad`,
+    :meth:`full_rank_direction`, ...).
 
     Layer-wise mode (``layerwise=True``) steps each parameter from a
     ``register_post_accumulate_grad_hook`` as soon as its gradient is complete and then
@@ -164,8 +151,9 @@ class LowRankOptimizer(Optimizer):
     #: The method's own hyperparameters and defaults (lr, betas, ...), declared once.
     method_defaults: ClassVar[dict[str, Any]] = {}
     method_checks: ClassVar[dict[str, V.Check]] = ADAM_CHECKS
-    #: State keys the moment rule owns (dropped by ``on_refresh="reset"``).
-    moment_keys: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
+    #: The statistics kept of the (low-rank) gradient: Adam, 8-bit Adam, Adafactor
+    #: (:mod:`lowrank_optim.optim.rules`).
+    moment_rule: ClassVar[MomentRule] = Adam()
     #: Hooks *defined in this class* that are correct on one rank's rows of a sharded
     #: (FSDP2) parameter; reductions over the whole matrix go through
     #: ``lowrank_optim.distributed``.  Read from each class's own namespace: a method that
@@ -198,6 +186,7 @@ class LowRankOptimizer(Optimizer):
         self._micro_batches = 0  # backward passes completed in the current accumulation window
         self._in_backward = False  # the end-of-backward callback is queued
         self._grad_scaler = None
+        self._plans: list | None = None  # per group: (configuration, projector), see _projector
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Each method declares its hyperparameters once, as data (``method_defaults``);
@@ -224,7 +213,7 @@ class LowRankOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self._positions = None
+        self._positions = self._plans = None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -297,17 +286,97 @@ class LowRankOptimizer(Optimizer):
                 "unscales its gradient and skips a non-finite one (docs/guide.md)"
             )
         if not self.layerwise:  # in layer-wise mode the gradient hooks stepped the parameters
-            for group in self.param_groups:
-                projector = make_projector(group)
+            for index, group in enumerate(self.param_groups):
+                projector = self._projector(index)
                 params = [p for p in group["params"] if self.gradient(p) is not None]
                 fresh = self._batched_bases(params, group, projector)
+                bulk, single = [], []
                 for p in params:
+                    (bulk if self._steps_in_bulk(p, projector) else single).append(p)
+                if bulk:
+                    self._step_many(bulk, group, projector, fresh)
+                for p in single:
                     self._step_param(p, group, projector, fresh.get(id(p)))
         for group in self.param_groups:
             # The group's clock: a schedule all its matrices share (FRUGAL's block rounds),
             # whichever of them had a gradient; saved with the param groups.
             group[CLOCK] = group.get(CLOCK, 0) + 1
         return loss
+
+    # ------------------------------------------------------------------ plans
+    def _projector(self, index: int) -> Projector | None:
+        """The projector of group ``index``, built once per group configuration (not per
+        step, nor per gradient hook in layer-wise mode) and handed the group's clock."""
+        group = self.param_groups[index]
+        key = _projector_key(group)
+        plans = self._plans
+        if plans is None or len(plans) != len(self.param_groups):
+            plans = self._plans = [(None, None)] * len(self.param_groups)
+        if plans[index][0] != key:
+            plans[index] = (key, make_projector(group))
+        projector = plans[index][1]
+        if projector is not None:
+            projector.clock = group.get(CLOCK, 0)
+        return projector
+
+    @classmethod
+    def _template_projection(cls) -> bool:
+        """Whether the class keeps every hook of a projected step at the template's
+        default (GaLore, DCT, 8-bit GaLore, Adafactor): its projected groups can step all
+        their parameters together, and project back straight into the weight."""
+        cached = cls.__dict__.get("_template_projection_cached")
+        if cached is None:
+            cached = all(getattr(cls, h) is getattr(LowRankOptimizer, h) for h in _PROJECTION_HOOKS)
+            cls._template_projection_cached = cached
+        return cached
+
+    def _steps_in_bulk(self, p: torch.Tensor, projector: Projector | None) -> bool:
+        """Whether ``p`` takes the bulk path (:meth:`_step_many`): a plain tensor (a sharded
+        one steps on its rows, per parameter) in a dense group (every method's dense groups
+        are its moment rule, hooks unused) or a projected group of a template class; an INT8
+        weight keeps its own gradient and storage hooks."""
+        if self.foreach is False or distributed.is_dtensor(p) or is_int8_weight(p):
+            return False
+        return projector is None or self._template_projection()
+
+    def _step_many(self, params: list, group: dict, projector: Projector | None, fresh: dict) -> None:
+        """The step of several parameters of one group, the moment rule run once for all of
+        them (``update_many``: foreach kernels); the same arithmetic as :meth:`_step_param`."""
+        stepped, grads, lows, states = [], [], [], []
+        for p in params:
+            grad = self.gradient(p)
+            if grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            state = self.state[p]
+            if p.is_complex():  # dense groups only (validated): real and imaginary parts as pairs, as torch does
+                p, grad = torch.view_as_real(p), torch.view_as_real(grad)
+            self._init_state(p, state, group, projector, None)
+            low = self._low_rank_gradient(p, grad, state, group, projector, None, fresh.get(id(p)))
+            if low is None:
+                continue
+            if state["step"] == 0:  # first step, or the moments were reset at a refresh
+                self.moment_rule.init(low, state, group)
+            state["step"] += 1
+            stepped.append(p)
+            grads.append(grad)
+            lows.append(low)
+            states.append(state)
+        if not stepped:  # every one skipped (no usable basis this step)
+            return
+        updates = self.moment_rule.update_many(lows, states, group, stepped)
+        if projector is None and self._decay_then_addcdiv(updates, group):
+            # torch.optim.AdamW's foreach arithmetic: decay, then p -= step_size m / denom.
+            if group["weight_decay"] != 0:
+                torch._foreach_mul_(stepped, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_addcdiv_(stepped, [u.numer for u in updates], [u.denom for u in updates],
+                                    [-u.step_size for u in updates])
+            return
+        for p, grad, low, update, state in zip(stepped, grads, lows, updates, states):
+            self._apply_update(p, grad, low, update, state, group, projector)
+
+    @staticmethod
+    def _decay_then_addcdiv(updates: list, group: dict) -> bool:
+        return not group["decay_after_update"] and all(u.denom is not None and u.decay_lr is None for u in updates)
 
     def _step_param(self, p: torch.Tensor, group: dict, projector: Projector | None, bases: dict | None = None) -> None:
         """One parameter's step; ``bases``: its new basis, when :meth:`_batched_bases`
@@ -372,26 +441,33 @@ class LowRankOptimizer(Optimizer):
     ) -> None:
         p, layout = local.param, local.layout
         grad = self.prepare_gradient(p, local.grad, state, group)
-        if projector is not None:
-            pstate = state["projector"]
-            if projector.should_update(pstate) and not self._refresh(p, grad, group, state, projector, layout, bases):
-                return  # no usable basis this step: skip rather than corrupt the state
-            # An fp16 low-rank gradient runs its rule in fp32 (fp32 moments, history): its
-            # squares underflow and eps=1e-8 rounds to 0 in fp16.  bf16 has fp32's range.
-            low = projector.project(grad, pstate)
-            if low.dtype == torch.float16:
-                low = low.float()
-            projector.tick(pstate)
-        else:
-            low = grad
+        low = self._low_rank_gradient(p, grad, state, group, projector, layout, bases)
+        if low is None:
+            return
         low = self.transform_low_rank_grad(low, state, group)
         if state["step"] == 0:  # first step, or the moments were reset at a refresh
-            self.init_moments(low, state, group)
+            self.moment_rule.init(low, state, group)
         state["step"] += 1
-        update = self.moment_update(p, low, state, group)
+        update = self.moment_rule.update(low, state, group, p)
         weight = self.open_weight(p, state, group)
         self._apply_update(weight, grad, low, update, state, group, projector, layout)
         self.close_weight(p, weight, state, group)
+
+    def _low_rank_gradient(self, p, grad, state, group, projector, layout, bases) -> torch.Tensor | None:
+        """R: the gradient itself in a dense group; in a projected one its projection, after
+        a refresh when one is due (None: no usable basis this step, skip it)."""
+        if projector is None:
+            return grad
+        pstate = state["projector"]
+        if projector.should_update(pstate) and not self._refresh(p, grad, group, state, projector, layout, bases):
+            return None  # skip rather than corrupt the state
+        low = projector.project(grad, pstate)
+        # An fp16 low-rank gradient runs its rule in fp32 (fp32 moments, history): its
+        # squares underflow and eps=1e-8 rounds to 0 in fp16.  bf16 has fp32's range.
+        if low.dtype == torch.float16:
+            low = low.float()
+        projector.tick(pstate)
+        return low
 
     def _apply_update(self, p, grad, low, update: Update, state, group, projector, layout=None) -> None:
         """Decoupled weight decay and the parameter update, in one place for every method.
@@ -401,8 +477,15 @@ class LowRankOptimizer(Optimizer):
         """
         decay_lr = group["lr"] if update.decay_lr is None else update.decay_lr
         decay = group["weight_decay"] != 0
+        into_weight = projector is not None and self._projects_into_weight(group, grad, p, projector)
+        # W(1 - lr wd) + alpha back(N) is one addmm_ (beta, alpha) when the decay comes first
+        # and its factor is a number (Adafactor's relative lr is a tensor).
+        beta = 1.0
         if decay and not group["decay_after_update"]:
-            p.mul_(1 - decay_lr * group["weight_decay"])
+            if into_weight and not isinstance(decay_lr, torch.Tensor):
+                beta = 1 - decay_lr * group["weight_decay"]
+            else:
+                p.mul_(1 - decay_lr * group["weight_decay"])
         if projector is None and update.denom is not None:
             p.addcdiv_(update.numer, update.denom, value=-update.step_size)  # torch.optim.AdamW's op
         elif projector is None:
@@ -411,7 +494,15 @@ class LowRankOptimizer(Optimizer):
             # The basis has the gradient's dtype; fp32 rules (8-bit, Adafactor, fp16) cast down.
             low_direction = update.direction().to(grad.dtype)
             step = ParamStep(p, grad, low.to(grad.dtype), low_direction, state, group, projector, layout)
-            if low.numel():  # an empty subspace (an inactive FRUGAL block) has no update
+            if into_weight:
+                # No m x n direction: W <- beta W - step_size scale (back(N') + c G), the
+                # product straight into the weight and the G term one fused pass.
+                low_direction, coefficient = self.factored_update(step)
+                alpha = -update.step_size * group["scale"]
+                projector.add_back(p, low_direction, state["projector"], alpha=alpha, beta=beta)
+                if coefficient is not None:
+                    p.addcmul_(grad, coefficient.to(grad.dtype), value=alpha)
+            elif low.numel():  # an empty subspace (an inactive FRUGAL block) has no update
                 direction = projector.project_back(low_direction, state["projector"]).mul_(group["scale"])
                 direction = self.full_rank_direction(direction, step)
                 p.add_(direction.to(p.dtype), alpha=-update.step_size)
@@ -424,6 +515,18 @@ class LowRankOptimizer(Optimizer):
                 p.sub_(p * (decay_lr * group["weight_decay"]))
             else:
                 p.add_(p, alpha=-decay_lr * group["weight_decay"])
+
+    def _projects_into_weight(self, group: dict, grad: torch.Tensor, weight: torch.Tensor, projector: Projector) -> bool:
+        """Whether the projected-back update goes straight into the weight (``add_back``,
+        :meth:`factored_update`): not when the method forms the full-size direction
+        (:meth:`materializes_direction`), nor where the arithmetic is pinned to a reference
+        package's (``eps_style="hf"`` reproduces ``galore_torch`` to the bit: its order of
+        rounding), nor when the weight's dtype differs from the basis's."""
+        return (
+            not self.materializes_direction(group, projector)
+            and group.get("eps_style", "torch") != "hf"
+            and weight.dtype == grad.dtype
+        )
 
     def _refresh(self, p, grad, group, state, projector: Projector, layout=None, bases=None) -> bool:
         """New basis, then the moments per ``on_refresh``; False means skip this step."""
@@ -440,7 +543,7 @@ class LowRankOptimizer(Optimizer):
             return had_basis and not err.nonfinite_gradient
         if had_basis and state["step"] > 0:
             if group["on_refresh"] == "reset":
-                for key in self.moment_keys:
+                for key in self.moment_rule.keys:
                     state.pop(key, None)
                 state["step"] = 0  # restart bias correction with the moments
                 self.after_refresh(state, group, projector, old, grad)
@@ -450,7 +553,7 @@ class LowRankOptimizer(Optimizer):
             else:
                 transition = projector.keep_transition(old, pstate, grad)
             if transition is not None:
-                self.remap_moments(state, transition)
+                self.moment_rule.remap(state, transition)
         if had_basis:
             self.after_refresh(state, group, projector, old, grad)
         return True
@@ -488,43 +591,23 @@ class LowRankOptimizer(Optimizer):
         parameter; the template then subtracts ``step_size * direction``."""
         return direction
 
+    def factored_update(self, step: ParamStep) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hook: the projected parameter's update D in factored form (N', c), with
+        D = scale (back(N') + c ⊙ G) and c broadcastable to G (None: no G term); the template
+        then applies it without forming D: one product into the weight (``add_back``) and
+        one fused ``addcmul_``.  Default: (N, None), GaLore's D = scale back(N)."""
+        return step.low_direction, None
+
+    def materializes_direction(self, group: dict, projector: Projector) -> bool:
+        """Hook: whether ``group``'s update is formed at full size and handed to
+        :meth:`full_rank_direction` (True for a method that overrides it, e.g.
+        GradNormLoRP's row signs) instead of :meth:`factored_update`."""
+        return type(self).full_rank_direction is not LowRankOptimizer.full_rank_direction
+
     def state_free_update(self, step: ParamStep) -> torch.Tensor | None:
         """Hook: an extra increment for a projected parameter, learning rate included,
         subtracted after the main update (e.g. FRUGAL's signSGD on the complement)."""
         return None
-
-    def init_moments(self, low: torch.Tensor, state: dict, group: dict) -> None:
-        """Hook: create the moment tensors for a gradient shaped like ``low``."""
-        state["exp_avg"] = torch.zeros_like(low, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(low, memory_format=torch.preserve_format)
-
-    def moment_update(self, p: torch.Tensor, low: torch.Tensor, state: dict, group: dict) -> Update:
-        r"""Hook: Adam.  ``eps_style="torch"``: :math:`\hat m/(\sqrt{\hat v}+\epsilon)`, as
-        ``torch.optim.AdamW``; ``"hf"``: :math:`m/(\sqrt v+\epsilon)` scaled by
-        :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`, as ``galore_torch`` and the old HF AdamW."""
-        beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-        bias_correction1 = 1 - beta1**t
-        bias_correction2 = 1 - beta2**t
-        if group.get("eps_style", "torch") == "torch":
-            exp_avg.lerp_(low, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(group["eps"])
-            return Update(exp_avg, denom, group["lr"] / bias_correction1)
-        exp_avg.mul_(beta1).add_(low, alpha=1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
-        # Divided here (not by addcdiv_ in the caller) to round exactly as the reference does.
-        direction = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
-        return Update(direction, None, group["lr"] * math.sqrt(bias_correction2) / bias_correction1)
-
-    def remap_moments(self, state: dict, transition: Transition) -> None:
-        """Hook: re-express the moments in the new low-rank coordinates (``on_refresh="project"``).
-
-        The first moment is linear in R and maps exactly; the second moment maps with the
-        squared transition (see :class:`~lowrank_optim.projectors.base.Transition`).
-        """
-        state["exp_avg"] = transition.apply(state["exp_avg"])
-        state["exp_avg_sq"] = transition.apply(state["exp_avg_sq"], squared=True)
 
     # ------------------------------------------------------------------ layer-wise mode
     def _register_layerwise_hooks(self, group: dict) -> None:
@@ -574,8 +657,8 @@ class LowRankOptimizer(Optimizer):
         if self.max_grad_norm is not None:
             norm = p.grad.norm()
             p.grad.mul_(torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0))
-        group = self.param_groups[self._position(p)[0]]
-        self._step_param(p, group, make_projector(group))
+        index = self._position(p)[0]
+        self._step_param(p, self.param_groups[index], self._projector(index))
         p.grad = None  # the point of layer-wise mode: free the full gradient now
 
     # ------------------------------------------------------------------ GradScaler (layer-wise)
@@ -671,13 +754,17 @@ class LowRankOptimizer(Optimizer):
                 self._register_layerwise_hooks(group)
 
     # ------------------------------------------------------------------ checkpoints
-    #: Per-parameter state keys of the moment rule whose dtype follows the low-rank
-    #: gradient's (the parameter's; fp32 for an fp16 projected parameter): cast on loading
-    #: into a model of another dtype.  Other float state keeps its dtype (fp32 by design:
-    #: 8-bit block scales, Adafactor's factors, Fira's norm, GradNormLoRP's magnitude).
-    param_dtype_state_keys: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
-    #: Method keys that, like :data:`LAYOUT_KEYS`, decide the state's layout.
-    method_layout_keys: ClassVar[tuple[str, ...]] = ()
+    #: Per-parameter state keys of the method (besides its rule's, ``moment_rule.
+    #: param_dtype_keys``) whose dtype follows the low-rank gradient's (the parameter's;
+    #: fp32 for an fp16 projected parameter): cast on loading into a model of another
+    #: dtype.  Other float state keeps its dtype (fp32 by design: 8-bit block scales,
+    #: Adafactor's factors, Fira's norm, GradNormLoRP's magnitude).
+    param_dtype_state_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def layout_keys(cls) -> tuple[str, ...]:
+        """Group keys that decide the state's layout: :data:`LAYOUT_KEYS` and the rule's."""
+        return (*LAYOUT_KEYS, *cls.moment_rule.layout_keys)
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim.Optimizer.state_dict`` plus the name of the class that saved it."""
@@ -733,7 +820,7 @@ class LowRankOptimizer(Optimizer):
         super().load_state_dict({"state": {}, "param_groups": saved_groups})
         for p, pstate in adopted.items():
             self.state[p] = pstate
-        self._positions = None
+        self._positions = self._plans = None
         self._micro_batches = 0
 
     def _loaded_group(self, group: dict, saved: dict, index: int, strict: bool) -> dict:
@@ -756,7 +843,7 @@ class LowRankOptimizer(Optimizer):
             self._validate_group(loaded, index)
         except ValueError as err:
             raise ValueError(f"{err} (loading a checkpoint)") from None
-        for key in (*LAYOUT_KEYS, *self.method_layout_keys):
+        for key in self.layout_keys():
             if strict and loaded[key] != group[key]:
                 raise ValueError(
                     f"{owner}: {where} has {key}={loaded[key]!r}, this optimizer was built with {key}={group[key]!r}; "
@@ -786,21 +873,42 @@ class LowRankOptimizer(Optimizer):
                 return f"{key} has shape {tuple(moment.shape)}, expected {tuple(low_shape)}"
         return None
 
+    def upgrade_state(self, pstate: dict) -> dict:
+        """A checkpoint's per-parameter state in this release's layout (a shallow copy the
+        method may rearrange; :meth:`load_state_dict` calls it before anything else)."""
+        pstate.pop("micro_batches", None)  # an older release counted layer-wise micro-batches here
+        return pstate
+
     def _adopt_state(self, p: torch.Tensor, pstate: dict, group: dict) -> dict:
         """A checkpoint's state of ``p`` on its device, in the dtypes the method gives it."""
         param_dtype = torch.view_as_real(p).dtype if p.is_complex() else p.dtype
         projector = make_projector(group)
         low_dtype = torch.float32 if projector is not None and param_dtype == torch.float16 else param_dtype
         adopted = {}
-        for key, value in pstate.items():
-            if key == "micro_batches":  # an older release counted layer-wise micro-batches here
-                continue
+        for key, value in self.upgrade_state(dict(pstate)).items():
             if key == "projector" and projector is not None:
                 value = {k: _moved(v, p, param_dtype if k in projector.param_dtype_keys else None) for k, v in value.items()}
             else:
-                value = _moved(value, p, low_dtype if key in self.param_dtype_state_keys else None)
+                follows = key in self.moment_rule.param_dtype_keys or key in self.param_dtype_state_keys
+                value = _moved(value, p, low_dtype if follows else None)
             adopted[key] = value
         return adopted
+
+
+#: The hooks of a projected step; a class that keeps them all at the template's default
+#: steps its projected groups in bulk (:meth:`LowRankOptimizer._step_many`).
+_PROJECTION_HOOKS = (
+    "gradient", "prepare_gradient", "transform_low_rank_grad", "full_rank_direction", "factored_update",
+    "materializes_direction", "state_free_update", "open_weight", "close_weight",
+)
+
+
+def _projector_key(group: dict) -> tuple:
+    """The group values a projector is built from (its clock aside, which changes every step)."""
+    if not is_projected(group):
+        return (None,)
+    return (group["projector"], group["rank"], group.get("density"), group["proj_type"], group["update_proj_gap"],
+            group["seed"], repr(group.get("projector_args")))
 
 
 def param_names(group: dict) -> list[str]:

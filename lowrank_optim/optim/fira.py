@@ -80,7 +80,7 @@ class FiraAdamW(LowRankOptimizer):
     }
     # The column norms run over the rank dimension, which a sharded parameter keeps whole
     # (its R is this rank's rows); the matrix norms and the limiter's sum over all ranks.
-    shard_safe_hooks = ("full_rank_direction",)
+    shard_safe_hooks = ("full_rank_direction", "factored_update", "materializes_direction")
     method_checks = {
         **ADAM_CHECKS,
         "scaling": V.choice("column", "matrix"),
@@ -97,6 +97,26 @@ class FiraAdamW(LowRankOptimizer):
                 f"{type(self).__name__}: scaling='column' cannot be combined with proj_type='full' in param "
                 f"group {index}: a two-sided projection keeps no side at full length; use scaling='matrix'"
             )
+
+    def materializes_direction(self, group: dict, projector) -> bool:
+        # The factored form needs ‖S‖ without S, from ‖G‖² - ‖R‖² (an orthogonal split);
+        # the reference's residual G - αPR is not one, and its arithmetic is pinned to fira's.
+        return group["reference_compat"] or not projector.orthonormal
+
+    def factored_update(self, step: ParamStep) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r"""The paper's update without forming S (or P R) at full size.
+
+        With S = (G - P R) φ and the limiter's factor c (S ← c S),
+        :math:`D = α(P N + c S) = α\big(P(N - cφR) + cφ G\big)`: the template multiplies
+        N' = N - cφR back straight into the weight and adds cφ ⊙ G in one fused pass.  The
+        limiter needs ‖S‖: along each kept channel (P orthonormal)
+        :math:`\lVert S\rVert^2 = \sum φ^2 (\lVert G\rVert^2 - \lVert R\rVert^2)`.
+        """
+        dim, ratio = _norm_ratio(step, keep_dtype=True)
+        norm = _residual_norm(step, dim, ratio)
+        factor = _limit_factor(norm, step.state, step.group)
+        coefficient = (ratio * factor).to(step.grad.dtype)  # cφ
+        return step.low_direction - coefficient * step.low, coefficient
 
     def full_rank_direction(self, direction: torch.Tensor, step: ParamStep) -> torch.Tensor:
         group, alpha = step.group, step.group["scale"]
@@ -117,14 +137,49 @@ def _norm(x: torch.Tensor, dim: int | None = None, layout: distributed.ShardLayo
     return torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=dtype)
 
 
-def _norm_ratio(step: ParamStep) -> torch.Tensor:
-    """φ: how much the moment rule scaled R, per channel of the kept side or per matrix."""
+def _norm_ratio(step: ParamStep, keep_dtype: bool = False):
+    """φ: how much the moment rule scaled R, per channel of the kept side or per matrix (in
+    the gradient's dtype); with ``keep_dtype``, (the rank dimension or None, φ in the norms'
+    fp32-or-wider dtype)."""
     dim = None
     if step.group["scaling"] == "column":
         _, right = step.projector.sides(step.state["projector"])
         dim = 1 if right else 0  # the rank dimension: G Q^T is m x r, P^T G is r x n
     ratio = _norm(step.low_direction, dim, step.layout) / (_norm(step.low, dim, step.layout) + 1e-8)
-    return ratio.to(step.grad.dtype)
+    return (dim, ratio) if keep_dtype else ratio.to(step.grad.dtype)
+
+
+def _residual_norm(step: ParamStep, dim: int | None, ratio: torch.Tensor) -> torch.Tensor:
+    """‖(G - up(down(G))) φ‖ from per-channel squared norms: the split is orthogonal, so each
+    channel's residual has ‖G‖² - ‖R‖² (clamped at 0 against rounding)."""
+    dtype = ratio.dtype
+    grad_sq = step.grad.to(dtype).square()
+    low_sq = step.low.to(dtype).square()
+    if dim is None:
+        channel = grad_sq.sum() - low_sq.sum()
+    else:  # the rank dimension of R is the full dimension of G on the same side
+        channel = grad_sq.sum(dim=dim, keepdim=True) - low_sq.sum(dim=dim, keepdim=True)
+    if dim is None:  # sharded, every rank's rows hold part of both sums
+        channel = distributed.all_reduce_sum(channel, step.layout)
+    total = (channel.clamp_(min=0) * ratio.square()).sum()
+    if dim is not None:  # per-row channels of a sharded matrix: this rank's rows
+        total = distributed.all_reduce_sum(total, step.layout)
+    return total.sqrt()
+
+
+def _limit_factor(norm: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+    """c: the norm-growth limiter's factor for a residual of norm ``norm`` (1 on the first
+    step and without a limiter); stores the limited norm, as :func:`_limit_growth`."""
+    gamma = group["norm_growth_limit"]
+    if gamma is None:
+        return torch.ones_like(norm)
+    previous = state.get("residual_norm")
+    if previous is None:
+        state["residual_norm"] = norm
+        return torch.ones_like(norm)
+    limited = torch.minimum(norm, previous * gamma)
+    state["residual_norm"] = limited
+    return limited / norm.clamp(min=torch.finfo(norm.dtype).tiny)
 
 
 def _limit_growth(residual: torch.Tensor, state: dict, group: dict, layout=None) -> torch.Tensor:

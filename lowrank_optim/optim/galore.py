@@ -27,15 +27,11 @@ decay_after_update=True``.
 """
 from __future__ import annotations
 
-import logging
-import math
 from typing import Iterable
 
-import torch
-
 from .. import _validate as V
-from ..projectors.base import Transition
-from .base import ADAM_CHECKS, ADAM_DEFAULTS, LowRankOptimizer, Update
+from .base import ADAM_CHECKS, ADAM_DEFAULTS, LowRankOptimizer
+from .rules import Adafactor, Adam8bit, bitsandbytes_functional
 
 
 class GaLoreAdamW(LowRankOptimizer):
@@ -63,113 +59,30 @@ class GaLoreAdamW(LowRankOptimizer):
     method_defaults = ADAM_DEFAULTS
 
 
-def _bitsandbytes():
-    # bitsandbytes logs a warning about optional 4-bit CPU kernels on import; we use none
-    # of them, so keep the user's console clean.
-    quiet = logging.getLogger("bitsandbytes")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes.functional as bnb_functional
-    except ImportError as err:  # optional dependency: only the 8-bit classes need it
-        raise ImportError(
-            "GaLoreAdamW8bit needs the 'bitsandbytes' package for its 8-bit moments: pip install bitsandbytes"
-        ) from err
-    finally:
-        quiet.setLevel(level)
-    return bnb_functional
-
-
-_QMAPS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _quantization_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """bitsandbytes' dynamic maps: signed for the first moment, unsigned for the second.
-
-    Constants shared by every parameter, so they are cached here and never stored in state.
-    """
-    if device not in _QMAPS:
-        F = _bitsandbytes()
-        _QMAPS[device] = (F.create_dynamic_map(signed=True).to(device), F.create_dynamic_map(signed=False).to(device))
-    return _QMAPS[device]
-
-
 class GaLoreAdamW8bit(LowRankOptimizer):
     """GaLore with bitsandbytes' blockwise 8-bit Adam moments (blocks of 256).
 
-    The low-rank gradient R goes through ``bitsandbytes``' ``optimizer_update_8bit_blockwise``
-    (called by keyword: bitsandbytes 0.50 reordered ``Optimizer2State``'s positional
-    arguments, which turns the upstream class into a silent no-op) on a zero scratch tensor
-    with lr 1, which yields the bias-corrected Adam direction; projection back, scale,
-    weight decay and lr are then applied by the shared step.  Dense groups get 8-bit AdamW.
-    Moments of tensors with fewer than ``min_8bit_size`` elements stay fp32, as in
-    bitsandbytes.  ε is placed as in ``torch.optim.AdamW`` (bitsandbytes' only choice).
+    The low-rank gradient R goes through the :class:`~lowrank_optim.optim.rules.Adam8bit`
+    rule (bitsandbytes' ``optimizer_update_8bit_blockwise``, called by keyword), which yields
+    the bias-corrected Adam direction; projection back, scale, weight decay and lr are then
+    applied by the shared step.  Dense groups get 8-bit AdamW.  Moments of tensors with
+    fewer than ``min_8bit_size`` elements stay fp32, as in bitsandbytes.  ε is placed as in
+    ``torch.optim.AdamW`` (bitsandbytes' only choice).
     """
 
+    moment_rule = Adam8bit()
     method_checks = {
         "betas": ADAM_CHECKS["betas"],
         "eps": ADAM_CHECKS["eps"],
         "min_8bit_size": V.int_at_least(1),
     }
-    moment_keys = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
-    param_dtype_state_keys = ()  # uint8 codes with fp32 scales, or fp32 below min_8bit_size
 
     # No eps_style: bitsandbytes places eps as torch does, with no choice.
     method_defaults = {**{k: v for k, v in ADAM_DEFAULTS.items() if k != "eps_style"}, "min_8bit_size": 4096}
 
     def __init__(self, params: Iterable, **hyperparameters):
-        _bitsandbytes()  # fail at construction, not at the first step
+        bitsandbytes_functional()  # fail at construction, not at the first step
         super().__init__(params, **hyperparameters)
-
-    def init_moments(self, low: torch.Tensor, state: dict, group: dict) -> None:
-        if low.numel() < group["min_8bit_size"]:
-            state["exp_avg"] = torch.zeros_like(low, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(low, dtype=torch.float32)
-            return
-        blocks = math.ceil(low.numel() / 256)
-        for key in ("exp_avg", "exp_avg_sq"):
-            state[key] = torch.zeros_like(low, dtype=torch.uint8)
-            state[key + "_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=low.device)
-
-    def moment_update(self, p: torch.Tensor, low: torch.Tensor, state: dict, group: dict) -> Update:
-        if state["exp_avg"].dtype != torch.uint8:
-            return super().moment_update(p, low.float(), state, group)  # eps_style defaults to torch
-        signed_map, unsigned_map = _quantization_maps(low.device)
-        beta1, beta2 = group["betas"]
-        direction = torch.zeros_like(low, dtype=torch.float32)
-        _bitsandbytes().optimizer_update_8bit_blockwise(
-            optimizer_name="adam",
-            g=low.float().contiguous(),
-            p=direction,
-            state1=state["exp_avg"],
-            state2=state["exp_avg_sq"],
-            beta1=beta1,
-            beta2=beta2,
-            beta3=0.0,
-            alpha=0.0,
-            eps=group["eps"],
-            step=state["step"],
-            lr=1.0,  # the scratch tensor receives -m_hat / (sqrt(v_hat) + eps)
-            qmap1=signed_map,
-            qmap2=unsigned_map,
-            absmax1=state["exp_avg_absmax"],
-            absmax2=state["exp_avg_sq_absmax"],
-            weight_decay=0.0,
-            gnorm_scale=1.0,
-            skip_zeros=False,
-        )
-        return Update(direction.neg_(), None, group["lr"])
-
-    def remap_moments(self, state: dict, transition: Transition) -> None:
-        if state["exp_avg"].dtype != torch.uint8:
-            return super().remap_moments(state, transition)
-        F = _bitsandbytes()
-        for key, qmap, squared in zip(("exp_avg", "exp_avg_sq"), _quantization_maps(state["exp_avg"].device), (False, True)):
-            absmax = state[key + "_absmax"]
-            dense = F.dequantize_blockwise(state[key], absmax=absmax, code=qmap, blocksize=256)
-            codes, qstate = F.quantize_blockwise(transition.apply(dense, squared).contiguous(), code=qmap, blocksize=256)
-            state[key].copy_(codes)
-            absmax.copy_(qstate.absmax)
 
 
 class GaLoreAdafactor(LowRankOptimizer):
@@ -208,9 +121,7 @@ class GaLoreAdafactor(LowRankOptimizer):
         "relative_step": V.boolean(),
         "warmup_init": V.boolean(),
     }
-    moment_keys = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
-    param_dtype_state_keys = ()  # fp32 whatever the weight's dtype
-    method_layout_keys = ("beta1",)  # with or without a first moment
+    moment_rule = Adafactor()
 
     method_defaults = {
         "lr": None,
@@ -242,54 +153,3 @@ class GaLoreAdafactor(LowRankOptimizer):
             raise ValueError(f"{where}: lr=None needs relative_step=True (or give an lr)")
         if group["warmup_init"] and not group["relative_step"]:
             raise ValueError(f"{where}: warmup_init=True requires relative_step=True")
-
-    def init_moments(self, low: torch.Tensor, state: dict, group: dict) -> None:
-        shape = low.shape
-        if group["beta1"] is not None:
-            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=low.device)
-        if low.dim() >= 2:
-            state["exp_avg_sq_row"] = torch.zeros(shape[:-1], dtype=torch.float32, device=low.device)
-            state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], dtype=torch.float32, device=low.device)
-        else:
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=low.device)
-
-    def moment_update(self, p: torch.Tensor, low: torch.Tensor, state: dict, group: dict) -> Update:
-        t = state["step"]
-        low = low.float()
-        rate = group["lr"]
-        if group["relative_step"]:
-            rate = rate * min(1e-6 * t if group["warmup_init"] else 1e-2, 1.0 / math.sqrt(t))
-        if group["scale_parameter"]:
-            rate = rate * _rms(p.float()).clamp(min=group["eps"][1])
-        beta2t = 1.0 - t ** group["decay_rate"]
-        squared = low.square().add_(group["eps"][0])
-        if "exp_avg_sq_row" in state:
-            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            row.mul_(beta2t).add_(squared.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(squared.mean(dim=-2), alpha=1.0 - beta2t)
-            row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-            update = (row_factor * col.unsqueeze(-2).rsqrt()).mul_(low)
-        else:
-            state["exp_avg_sq"].mul_(beta2t).add_(squared, alpha=1.0 - beta2t)
-            update = state["exp_avg_sq"].rsqrt().mul_(low)
-        update.div_((_rms(update) / group["clip_threshold"]).clamp_(min=1.0))
-        update.mul_(rate)
-        if group["beta1"] is not None:
-            update = state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
-        return Update(update, None, 1.0, decay_lr=rate)
-
-    def remap_moments(self, state: dict, transition: Transition) -> None:
-        # The factored second moment keeps one statistic per row and one per column of R:
-        # each side's statistics mix only under that side's map (with squared weights).
-        if "exp_avg" in state:
-            state["exp_avg"] = transition.apply(state["exp_avg"])
-        if "exp_avg_sq" in state:
-            state["exp_avg_sq"] = transition.apply(state["exp_avg_sq"], squared=True)
-        if "exp_avg_sq_row" in state:
-            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-            state["exp_avg_sq_row"] = transition.apply(row.unsqueeze(-1), squared=True, right=False).squeeze(-1)
-            state["exp_avg_sq_col"] = transition.apply(col.unsqueeze(-2), squared=True, left=False).squeeze(-2)
-
-
-def _rms(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.norm(2) / (tensor.numel() ** 0.5)

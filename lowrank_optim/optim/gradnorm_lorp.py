@@ -74,8 +74,9 @@ Design (where this differs from the reference code, and why):
 * **The magnitude's moments use the class's moment rule**: Adam in g's dtype in
   :class:`GradNormLoRPAdamW` (``eps_style`` honoured), bitsandbytes' blockwise 8-bit Adam in
   :class:`GradNormLoRPAdamW8bit` when m ≥ ``min_8bit_size`` (fp32 below, as bitsandbytes
-  does for small tensors).  They have their own step counter (``magnitude_step``): g is not
-  projected, so a subspace refresh (``on_refresh="reset"`` or ``"project"``) leaves them alone.
+  does for small tensors).  They live in a nested state dict ``magnitude_moments`` with its
+  own ``step``: g is not projected, so a subspace refresh (``on_refresh="reset"`` or
+  ``"project"``) leaves them alone.
 * **Precision**: the chain rule, g, ∂L/∂g and the write-back's row norms are computed in
   ``torch.promote_types(dtype, float32)`` of the weight's dtype: fp32 for fp32, bf16 and
   fp16 weights (m numbers: a bf16 g would round away updates smaller than 1/256 of it), fp64
@@ -87,8 +88,8 @@ Design (where this differs from the reference code, and why):
   the paper, which normalizes the projected weight matrices.
 
 State per projected matrix: GaLore's (basis and two r-sized moments) plus ``magnitude``,
-``magnitude_exp_avg``, ``magnitude_exp_avg_sq`` (each m x 1; 8-bit moments add their
-block ``_absmax``) and the int ``magnitude_step``; ``magnitude`` may hold negative entries
+``magnitude_moments`` = {``exp_avg``, ``exp_avg_sq`` (each m x 1; 8-bit moments add their
+block ``_absmax``), ``step``}; ``magnitude`` may hold negative entries
 (see the sign above).  ``prepare_gradient`` needs one transient m x n buffer in the compute
 dtype (two more for half-precision weights), freed before the projection.
 """
@@ -101,13 +102,11 @@ from ..projectors import is_projected
 from .base import ADAM_DEFAULTS, LowRankOptimizer, ParamStep, Update, param_names
 from .galore import GaLoreAdamW8bit
 
-_MAGNITUDE = "magnitude_"  # prefix of the magnitude's moment keys in the parameter state
 
 
 class _WeightNormalizedRows:
-    """The GradNormLoRP hooks, mixed in front of a :class:`LowRankOptimizer` whose moment
-    rule (:meth:`init_moments` / :meth:`moment_update`) serves both V's projected gradient
-    and the magnitude's gradient."""
+    """The GradNormLoRP hooks, mixed in front of a :class:`LowRankOptimizer` whose
+    ``moment_rule`` serves both V's projected gradient and the magnitude's gradient."""
 
     def _init_runtime(self) -> None:
         super()._init_runtime()
@@ -180,7 +179,7 @@ class _WeightNormalizedRows:
         radial, sign, magnitude = self._magnitude_grads.pop(id(p))
         if "magnitude" not in state:
             state["magnitude"] = magnitude
-            state["magnitude_step"] = 0
+            state["magnitude_moments"] = {"step": 0}
         update = self._magnitude_step(p, radial, state, group)
         decay_lr = group["lr"] if update.decay_lr is None else update.decay_lr
         decay = 1 - decay_lr * group["weight_decay"]
@@ -210,23 +209,23 @@ class _WeightNormalizedRows:
         return param_names(group)[self._group_slot(p, group)[0]], f"param group {self._position(p)[0]}"
 
     def _magnitude_step(self, p: torch.Tensor, radial: torch.Tensor, state: dict, group: dict) -> Update:
-        """The class's moment rule on ∂L/∂g, on the ``magnitude_*`` entries of the state.
+        """The class's moment rule on ∂L/∂g, on the magnitude's own moments: a nested state
+        dict with its own step count (a refresh of V's subspace leaves it alone)."""
+        moments = state["magnitude_moments"]
+        if moments["step"] == 0:
+            self.moment_rule.init(radial, moments, group)
+        moments["step"] += 1
+        return self.moment_rule.update(radial, moments, group, p)
 
-        The rule reads and updates its moments in place under the keys it always uses, so
-        it runs on a small dict of the magnitude's entries under those names.
-        """
-        moments = {
-            k[len(_MAGNITUDE) :]: v for k, v in state.items() if k.startswith(_MAGNITUDE) and k != "magnitude_step"
-        }
-        if not moments:
-            self.init_moments(radial, moments, group)
-        state["magnitude_step"] += 1
-        moments["step"] = state["magnitude_step"]
-        update = self.moment_update(p, radial, moments, group)
-        for key, value in moments.items():
-            if key != "step":
-                state[_MAGNITUDE + key] = value
-        return update
+    def upgrade_state(self, pstate: dict) -> dict:
+        # Releases before the rule objects kept the magnitude's moments flat, under a prefix.
+        pstate = super().upgrade_state(pstate)
+        if "magnitude_step" in pstate:
+            moments = {"step": pstate.pop("magnitude_step")}
+            for key in [k for k in pstate if k.startswith("magnitude_")]:
+                moments[key[len("magnitude_") :]] = pstate.pop(key)
+            pstate["magnitude_moments"] = moments
+        return pstate
 
 
 class GradNormLoRPAdamW(_WeightNormalizedRows, LowRankOptimizer):

@@ -243,6 +243,33 @@ class Projector:
             full = full @ right
         return full
 
+    #: Whether up(down(·)) is an orthogonal projection (orthonormal bases, coordinate
+    #: subsets), so that ‖G - up(down(G))‖² = ‖G‖² - ‖down(G)‖² holds along each kept
+    #: channel (Fira's residual norm without forming the residual).
+    orthonormal: ClassVar[bool] = True
+
+    #: Whether :meth:`bases` gives the dense matrices :meth:`project_back` multiplies by, so
+    #: that :meth:`add_back` can multiply straight into the weight.
+    dense_bases: ClassVar[bool] = True
+
+    def add_back(self, weight: torch.Tensor, low: torch.Tensor, pstate: dict, alpha: float, beta: float = 1.0) -> None:
+        """``weight <- beta * weight + alpha * project_back(low)``, in place and without an
+        m x n temporary where the projector allows: one ``addmm_`` with a dense basis (P N,
+        N Q; P (N Q) for both sides), a scatter of coordinates for index-based projectors."""
+        if self.dense_bases:
+            left, right = self.bases(pstate, low)
+            if left is not None and right is not None:
+                low, right = low @ right, None  # r x n: the small product first
+            if left is not None:
+                weight.addmm_(left, low, beta=beta, alpha=alpha)
+                return
+            if right is not None:
+                weight.addmm_(low, right, beta=beta, alpha=alpha)
+                return
+        if beta != 1.0:
+            weight.mul_(beta)
+        weight.add_(self.project_back(low, pstate), alpha=alpha)
+
     def transition(self, old: dict, new: dict, like: torch.Tensor) -> "Transition":
         """How the low-rank coordinates of the ``old`` state map to those of ``new``.
 

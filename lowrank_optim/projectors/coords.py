@@ -126,6 +126,18 @@ class CoordinateProjector(Projector):
         full[self.dim] = shape[self.dim]
         return low.new_zeros(full).index_copy_(self.dim, idx, low)
 
+    def add_back(self, weight: torch.Tensor, low: torch.Tensor, pstate: dict, alpha: float, beta: float = 1.0) -> None:
+        # A scatter-add of the selected coordinates: no m x n zeros to fill and add.
+        if beta != 1.0:
+            weight.mul_(beta)
+        idx = self._indices(pstate, low)
+        if self.dim is not None:
+            weight.index_add_(self.dim, idx, low, alpha=alpha)
+        elif weight.is_contiguous():
+            weight.view(-1).index_add_(0, idx, low, alpha=alpha)
+        else:
+            weight.add_(self.project_back(low, pstate), alpha=alpha)
+
     exact_split = True
 
     def residual(self, grad: torch.Tensor, low: torch.Tensor, pstate: dict) -> torch.Tensor | None:
@@ -231,6 +243,12 @@ class BlockProjector(Projector):
         # A copy even when active: the caller scales the result in place, and ``low`` may
         # be a moment tensor of the rule (Adafactor with beta1 returns its exp_avg).
         return low.clone() if pstate["active"] else low.new_zeros(pstate["shape"])
+
+    def add_back(self, weight: torch.Tensor, low: torch.Tensor, pstate: dict, alpha: float, beta: float = 1.0) -> None:
+        if beta != 1.0:
+            weight.mul_(beta)
+        if pstate["active"]:
+            weight.add_(low, alpha=alpha)
 
     exact_split = True
 

@@ -57,6 +57,10 @@ class QuantizedProjector(Projector):
     """
 
     name = "int4"
+    # project_back multiplies straight from the packed codes (a fused op): keep it, rather
+    # than dequantizing a dense basis for add_back's product.
+    dense_bases = False
+    orthonormal = False  # INT4 rounding: the stored basis is only nearly orthonormal
     option_defaults = {
         "inner": "svd",
         "inner_args": None,

@@ -25,6 +25,10 @@ class RandomProjector(Projector):
     option_defaults = {"distribution": "orthonormal"}
     option_checks = {"distribution": choice("orthonormal", "gaussian")}
 
+    @property
+    def orthonormal(self) -> bool:  # a Gaussian sketch's P P^T is not a projection
+        return self.distribution == "orthonormal"
+
     def init_state(self, shape: torch.Size, seed: int, group_slot: tuple[int, int] = (0, 1)) -> dict:
         pstate = super().init_state(shape, seed, group_slot)
         pstate["shape"] = tuple(shape)
