@@ -167,6 +167,10 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
         raise
+    else:
+        # Leave together: rank 0 hosts the TCP store, and a rank still tearing down its
+        # process group when the store's host has exited aborts ("terminate called").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -8,17 +8,27 @@ For a parameter W with gradient G in a group with ``rank`` (a *projected* group)
                                     after_refresh()                       hook (other state)
     R   <- projector.project(G)                          low-rank gradient
     R   <- transform_low_rank_grad(R)                    hook (e.g. Natural GaLore)
-    N, step_size <- moment_update(R)                     hook: Adam, 8-bit Adam, Adafactor
-    D   <- scale * projector.project_back(N)
-    D   <- full_rank_direction(D, G, R, N)               hook (e.g. Fira's residual)
+    N, step_size <- moment_rule.update(R)                rule object: Adam, 8-bit Adam, Adafactor
     W'  <- open_weight(W)                                hook (e.g. dequantize INT8 weights)
-    W'  <- W' (1 - lr wd);  W' <- W' - step_size D        decoupled decay, then the update
+    N', c <- factored_update(N, G, R)                    hook (e.g. Fira: N - c phi R, c phi)
+    W'  <- (1 - lr wd) W' - step_size scale (back(N') + c G)   projector.add_back: one addmm_
+           or, where a method forms the full direction (materializes_direction):
+           D <- full_rank_direction(scale back(N)); W' <- W'(1 - lr wd) - step_size D
     W'  <- W' - state_free_update(G, R)                  hook (e.g. FRUGAL's signSGD part)
     close_weight(W, W')                                  hook (e.g. requantize)
 
 A group without ``rank`` skips the projection and runs the same moment rule on G, which for
 Adam is ``torch.optim.AdamW`` to the bit.  Learning rate, bias correction and weight decay
 live here and nowhere else; methods override the small hooks, never the loop.
+
+Two paths run this template.  The bulk path (:meth:`LowRankOptimizer._step_many`) steps
+all the parameters of a group together, the rule's ``update_many`` running one foreach
+kernel per operation for the whole group: every dense group takes it, and the projected
+groups of a class that keeps every projection hook at its default (GaLore, DCT, 8-bit
+GaLore, Adafactor).  The per-parameter path (:meth:`LowRankOptimizer._step_param`) serves
+the methods with hooks, layer-wise mode, INT8 weights and sharded parameters, and
+``foreach=False``.  Both share the projection prologue and :meth:`_apply_update`, so they
+round alike (docs/guide.md, "The step engine").
 
 A sharded (FSDP2) parameter runs the same loop on this rank's rows: the refresh and the
 state's DTensor wrapping go through :mod:`lowrank_optim.distributed` (docs/distributed.md).
@@ -340,16 +350,20 @@ class LowRankOptimizer(Optimizer):
         return projector is None or self._template_projection()
 
     def _step_many(self, params: list, group: dict, projector: Projector | None, fresh: dict) -> None:
-        """The step of several parameters of one group, the moment rule run once for all of
-        them (``update_many``: foreach kernels); the same arithmetic as :meth:`_step_param`."""
-        stepped, grads, lows, states = [], [], [], []
+        """The step of several parameters of one group, the moment rule run once per device
+        and dtype (``update_many``: foreach kernels, whose fast multi-tensor form needs one
+        of each); the same arithmetic as :meth:`_step_param`."""
+        buckets: dict[tuple, list] = {}
         for p in params:
-            grad = self.gradient(p)
-            if grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            state = self.state[p]
-            if p.is_complex():  # dense groups only (validated): real and imaginary parts as pairs, as torch does
-                p, grad = torch.view_as_real(p), torch.view_as_real(grad)
+            buckets.setdefault((p.device, p.dtype), []).append(p)
+        for bucket in buckets.values():
+            self._step_bucket(bucket, group, projector, fresh)
+
+    def _step_bucket(self, params: list, group: dict, projector: Projector | None, fresh: dict) -> None:
+        stepped, grads, lows, states = [], [], [], []
+        for param in params:
+            state = self.state[param]
+            p, grad = self._as_stepped(param)
             self._init_state(p, state, group, projector, None)
             low = self._low_rank_gradient(p, grad, state, group, projector, None, fresh.get(id(p)))
             if low is None:
@@ -381,16 +395,22 @@ class LowRankOptimizer(Optimizer):
     def _step_param(self, p: torch.Tensor, group: dict, projector: Projector | None, bases: dict | None = None) -> None:
         """One parameter's step; ``bases``: its new basis, when :meth:`_batched_bases`
         already computed it together with other parameters'."""
-        grad = self.gradient(p)
-        if grad.is_sparse:
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         state = self.state[p]
-        if p.is_complex():  # dense groups only (validated): real and imaginary parts as pairs, as torch does
-            p, grad = torch.view_as_real(p), torch.view_as_real(grad)
+        p, grad = self._as_stepped(p)
         # A sharded (FSDP2) parameter steps on this rank's rows; see lowrank_optim.distributed.
         with distributed.local_step(p, grad, state) as local:
             self._init_state(p, state, group, projector, local.layout)
             self._step_local(local, state, group, projector, bases)
+
+    def _as_stepped(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the tensor the update applies to, its gradient): a complex parameter (dense
+        groups only, validated) as real and imaginary pairs, as torch does."""
+        grad = self.gradient(p)
+        if grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if p.is_complex():
+            return torch.view_as_real(p), torch.view_as_real(grad)
+        return p, grad
 
     def _init_state(self, p, state: dict, group: dict, projector: Projector | None, layout) -> None:
         if "step" not in state:
