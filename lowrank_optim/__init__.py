@@ -1,6 +1,8 @@
 """lowrank_optim: memory-efficient low-rank optimizers (the GaLore family) for PyTorch."""
 from .factory import available_optimizers, create_optimizer, param_groups
 from .optim import (
+    ApolloAdamW,
+    ApolloMiniAdamW,
     DCTAdamW,
     FiraAdamW,
     FrugalAdamW,
@@ -19,6 +21,8 @@ from .projectors import Projector, register_projector
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApolloAdamW",
+    "ApolloMiniAdamW",
     "DCTAdamW",
     "FiraAdamW",
     "FrugalAdamW",

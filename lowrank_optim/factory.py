@@ -78,6 +78,8 @@ def create_optimizer(
         raise ValueError(f"create_optimizer: {cls.__name__} has no option(s) {unknown}; valid ones are: {', '.join(accepted)}")
     if isinstance(model_or_params, nn.Module):
         size = {k: kwargs.pop(k) for k in ("rank", "density") if kwargs.get(k) is not None}
+        if not size and getattr(cls, "preset_rank", None) is not None:
+            size = {"rank": cls.preset_rank}  # a preset (APOLLO-Mini: rank 1)
         if not size:
             raise ValueError(
                 f"create_optimizer: {name!r} given a model needs rank=... (or density=...) to project its "

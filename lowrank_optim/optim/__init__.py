@@ -1,4 +1,5 @@
 """Optimizers by name; every class is a :class:`LowRankOptimizer`."""
+from .apollo import ApolloAdamW, ApolloMiniAdamW
 from .base import LowRankOptimizer, Update
 from .dct import DCTAdamW
 from .fira import FiraAdamW
@@ -20,6 +21,8 @@ OPTIMIZERS: dict[str, type[LowRankOptimizer]] = {
     "gradnorm_lorp_adamw8bit": GradNormLoRPAdamW8bit,
     "natural_galore_adamw": NaturalGaLoreAdamW,
     "qgalore_adamw8bit": QGaLoreAdamW8bit,
+    "apollo_adamw": ApolloAdamW,
+    "apollo_mini_adamw": ApolloMiniAdamW,
 }
 
-__all__ = ["OPTIMIZERS", "DCTAdamW", "FiraAdamW", "FrugalAdamW", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "GradNormLoRPAdamW", "GradNormLoRPAdamW8bit", "NaturalGaLoreAdamW", "QGaLoreAdamW8bit", "LowRankOptimizer", "Update"]
+__all__ = ["OPTIMIZERS", "ApolloAdamW", "ApolloMiniAdamW", "DCTAdamW", "FiraAdamW", "FrugalAdamW", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "GradNormLoRPAdamW", "GradNormLoRPAdamW8bit", "NaturalGaLoreAdamW", "QGaLoreAdamW8bit", "LowRankOptimizer", "Update"]

@@ -235,6 +235,10 @@ class LowRankOptimizer(Optimizer):
             distributed.check_layerwise(type(self).__name__)
             self._register_layerwise_hooks(group)
 
+    #: Whether the update uses back(N) at all: APOLLO's scales the raw gradient instead, so
+    #: its :meth:`factored_update` returns no N' and :meth:`full_rank_direction` gets None.
+    projects_back: ClassVar[bool] = True
+
     #: Whether the class updates :class:`~lowrank_optim.quant.Int8Linear` weights (uint8
     #: codes with a float gradient beside them); the others refuse them at construction.
     steps_int8_weights: ClassVar[bool] = False
@@ -519,11 +523,16 @@ class LowRankOptimizer(Optimizer):
                 # product straight into the weight and the G term one fused pass.
                 low_direction, coefficient = self.factored_update(step)
                 alpha = -update.step_size * group["scale"]
-                projector.add_back(p, low_direction, state["projector"], alpha=alpha, beta=beta)
+                if low_direction is not None:
+                    projector.add_back(p, low_direction, state["projector"], alpha=alpha, beta=beta)
+                elif beta != 1.0:
+                    p.mul_(beta)
                 if coefficient is not None:
                     p.addcmul_(grad, coefficient.to(grad.dtype), value=alpha)
             elif low.numel():  # an empty subspace (an inactive FRUGAL block) has no update
-                direction = projector.project_back(low_direction, state["projector"]).mul_(group["scale"])
+                direction = None
+                if self.projects_back:
+                    direction = projector.project_back(low_direction, state["projector"]).mul_(group["scale"])
                 direction = self.full_rank_direction(direction, step)
                 p.add_(direction.to(p.dtype), alpha=-update.step_size)
             free = self.state_free_update(step)
@@ -613,7 +622,8 @@ class LowRankOptimizer(Optimizer):
 
     def factored_update(self, step: ParamStep) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hook: the projected parameter's update D in factored form (N', c), with
-        D = scale (back(N') + c ⊙ G) and c broadcastable to G (None: no G term); the template
+        D = scale (back(N') + c ⊙ G) and c broadcastable to G (None: no G term; N' None: no
+        back-projection, for a class whose ``projects_back`` is False); the template
         then applies it without forming D: one product into the weight (``add_back``) and
         one fused ``addcmul_``.  Default: (N, None), GaLore's D = scale back(N)."""
         return step.low_direction, None

@@ -55,8 +55,8 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
-from .. import distributed
 from ..projectors import is_projected
+from . import scaling
 from .base import ADAM_CHECKS, ADAM_DEFAULTS, LowRankOptimizer, ParamStep
 
 
@@ -112,9 +112,9 @@ class FiraAdamW(LowRankOptimizer):
         limiter needs ‖S‖: along each kept channel (P orthonormal)
         :math:`\lVert S\rVert^2 = \sum φ^2 (\lVert G\rVert^2 - \lVert R\rVert^2)`.
         """
-        dim, ratio = _norm_ratio(step, keep_dtype=True)
-        norm = _residual_norm(step, dim, ratio)
-        factor = _limit_factor(norm, step.state, step.group)
+        dim, ratio = scaling.norm_ratio(step, per_channel=step.group["scaling"] == "column")
+        norm = scaling.scaled_norm(step.grad, dim, ratio, step.layout, minus=step.low)
+        factor = scaling.limit_factor(norm, step.state, step.group["norm_growth_limit"])
         coefficient = (ratio * factor).to(step.grad.dtype)  # cφ
         return step.low_direction - coefficient * step.low, coefficient
 
@@ -123,84 +123,12 @@ class FiraAdamW(LowRankOptimizer):
         inside = step.projector.project_back(step.low, step.state["projector"])
         if group["reference_compat"]:
             inside = inside * alpha  # the reference subtracts alpha * P R, not P R
-        residual = (step.grad - inside).mul_(_norm_ratio(step))
-        residual = _limit_growth(residual, step.state, group, step.layout)
+        _, ratio = scaling.norm_ratio(step, per_channel=group["scaling"] == "column")
+        residual = (step.grad - inside).mul_(ratio.to(step.grad.dtype))
+        residual = scaling.limit_growth(
+            residual, step.state, group["norm_growth_limit"], group["reference_compat"], step.layout
+        )
         return direction.add_(residual, alpha=1.0 if group["reference_compat"] else alpha)
-
-
-def _norm(x: torch.Tensor, dim: int | None = None, layout: distributed.ShardLayout | None = None) -> torch.Tensor:
-    """Norms along ``dim``, or of the whole matrix (over every rank's block when sharded)."""
-    # Half-precision norms accumulate in fp32: the limiter's 1% threshold is finer than bf16.
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    if dim is None:
-        return distributed.global_norm(x, layout, dtype=dtype)
-    return torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=dtype)
-
-
-def _norm_ratio(step: ParamStep, keep_dtype: bool = False):
-    """φ: how much the moment rule scaled R, per channel of the kept side or per matrix (in
-    the gradient's dtype); with ``keep_dtype``, (the rank dimension or None, φ in the norms'
-    fp32-or-wider dtype)."""
-    dim = None
-    if step.group["scaling"] == "column":
-        _, right = step.projector.sides(step.state["projector"])
-        dim = 1 if right else 0  # the rank dimension: G Q^T is m x r, P^T G is r x n
-    ratio = _norm(step.low_direction, dim, step.layout) / (_norm(step.low, dim, step.layout) + 1e-8)
-    return (dim, ratio) if keep_dtype else ratio.to(step.grad.dtype)
-
-
-def _residual_norm(step: ParamStep, dim: int | None, ratio: torch.Tensor) -> torch.Tensor:
-    """‖(G - up(down(G))) φ‖ from per-channel squared norms: the split is orthogonal, so each
-    channel's residual has ‖G‖² - ‖R‖² (clamped at 0 against rounding)."""
-    dtype = ratio.dtype
-    grad_sq = step.grad.to(dtype).square()
-    low_sq = step.low.to(dtype).square()
-    if dim is None:
-        channel = grad_sq.sum() - low_sq.sum()
-    else:  # the rank dimension of R is the full dimension of G on the same side
-        channel = grad_sq.sum(dim=dim, keepdim=True) - low_sq.sum(dim=dim, keepdim=True)
-    if dim is None:  # sharded, every rank's rows hold part of both sums
-        channel = distributed.all_reduce_sum(channel, step.layout)
-    total = (channel.clamp_(min=0) * ratio.square()).sum()
-    if dim is not None:  # per-row channels of a sharded matrix: this rank's rows
-        total = distributed.all_reduce_sum(total, step.layout)
-    return total.sqrt()
-
-
-def _limit_factor(norm: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
-    """c: the norm-growth limiter's factor for a residual of norm ``norm`` (1 on the first
-    step and without a limiter); stores the limited norm, as :func:`_limit_growth`."""
-    gamma = group["norm_growth_limit"]
-    if gamma is None:
-        return torch.ones_like(norm)
-    previous = state.get("residual_norm")
-    if previous is None:
-        state["residual_norm"] = norm
-        return torch.ones_like(norm)
-    limited = torch.minimum(norm, previous * gamma)
-    state["residual_norm"] = limited
-    return limited / norm.clamp(min=torch.finfo(norm.dtype).tiny)
-
-
-def _limit_growth(residual: torch.Tensor, state: dict, group: dict, layout=None) -> torch.Tensor:
-    """Fira's norm-growth limiter: ||S|| at most γ times last step's (post-limit) ||S||."""
-    gamma = group["norm_growth_limit"]
-    if gamma is None:
-        return residual
-    norm = _norm(residual, layout=layout)
-    previous = state.get("residual_norm")
-    if previous is None:
-        state["residual_norm"] = norm  # first step: nothing to compare with
-    elif group["reference_compat"]:
-        limiter = (norm / (previous + 1e-8) / gamma).clamp(min=1.0)
-        residual = residual / limiter
-        state["residual_norm"] = norm / limiter
-    else:
-        # Stored as the exact min(||S||, γ ||S_prev||); a zero residual stays zero (no 0/0).
-        limited = torch.minimum(norm, previous * gamma)
-        residual = residual * (limited / norm.clamp(min=torch.finfo(norm.dtype).tiny))
-        state["residual_norm"] = limited
-    return residual
 
 
 __all__ = ["FiraAdamW"]

@@ -1,6 +1,8 @@
 """Random projector: a seeded Gaussian or orthonormal basis that is never stored."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._validate import choice
@@ -17,13 +19,26 @@ class RandomProjector(Projector):
 
     Options (``projector_args``): ``distribution`` = ``"orthonormal"`` (default: a
     semi-orthogonal basis, like GaLore's singular vectors) or ``"gaussian"`` (entries
-    N(0, 1/r), so E[P P^T] = I as in a Johnson-Lindenstrauss sketch).
+    N(0, 1/r), so E[P P^T] = I as in a Johnson-Lindenstrauss sketch); ``stream`` =
+    ``"seeded"`` (default: one generator per (parameter seed, refresh)) or ``"apollo"``
+    (``apollo_torch``'s seeds and draws, Gaussian only, for ``ApolloAdamW``'s
+    ``reference_compat``; its chain of seeds is an int ``draw_seed`` in the state).
     """
 
     name = "random"
     refresh_reads_gradient = False  # a seeded draw: no communication under FSDP2
-    option_defaults = {"distribution": "orthonormal"}
-    option_checks = {"distribution": choice("orthonormal", "gaussian")}
+    option_defaults = {"distribution": "orthonormal", "stream": "seeded"}
+    option_checks = {"distribution": choice("orthonormal", "gaussian"), "stream": choice("seeded", "apollo")}
+
+    @classmethod
+    def validate_options(cls, owner: str, options, where: str) -> None:
+        super().validate_options(owner, options, where)
+        options = dict(options or {})
+        if options.get("stream") == "apollo" and options.get("distribution", "orthonormal") != "gaussian":
+            raise ValueError(
+                f"{owner}: projector_args stream='apollo' in {where} draws apollo_torch's Gaussian bases: "
+                "it needs distribution='gaussian'"
+            )
 
     @property
     def orthonormal(self) -> bool:  # a Gaussian sketch's P P^T is not a projection
@@ -39,15 +54,25 @@ class RandomProjector(Projector):
         # gradient is still refused, so that the step on it is skipped as with every
         # projector (it would poison the moments and the weights).
         self.require_finite(grad)
+        if self.stream == "apollo":
+            # apollo_torch's seeds: the parameter's 1-based position, then each refresh
+            # draws with the successor of the previous seed (see _successor).
+            pstate["draw_seed"] = pstate["seed"] + 1 if pstate["refreshes"] == 0 else _successor(pstate["draw_seed"])
         pstate["age"] = 0
         pstate["refreshes"] += 1
 
     def bases(self, pstate: dict, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         m, n = pstate["shape"]
         device, dtype = like.device, like.dtype
-        gen = self.generator(pstate["seed"], pstate["refreshes"], device)
         want_left, want_right = self.sides(pstate)
         rank = pstate["rank"]
+        if self.stream == "apollo":
+            # apollo_torch's draw: fp32 N(0, 1) of the basis's own shape, divided by √r.
+            gen = torch.Generator(device=device).manual_seed(pstate["draw_seed"])
+            shape = (m, rank) if want_left else (rank, n)
+            basis = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) / math.sqrt(rank)).to(dtype)
+            return (basis, None) if want_left else (None, basis)
+        gen = self.generator(pstate["seed"], pstate["refreshes"], device)
         left = self._draw(m, rank, gen, device).to(dtype) if want_left else None
         right = self._draw(n, rank, gen, device).t().to(dtype) if want_right else None
         return left, right
@@ -57,3 +82,10 @@ class RandomProjector(Projector):
         if self.distribution == "orthonormal":
             return orthonormal_columns(sample)
         return sample * unit_gaussian_scale(rank)
+
+
+def _successor(seed: int) -> int:
+    """The seed after ``seed`` in apollo_torch's chain: the 15th int64 drawn (from [0, 2^63 − 1))
+    by a CPU generator seeded with it.  One small draw per refresh."""
+    gen = torch.Generator().manual_seed(seed)
+    return int(torch.randint(0, torch.iinfo(torch.int64).max, (15,), generator=gen)[-1])

@@ -1,0 +1,93 @@
+r"""Norm-ratio scaling and the norm-growth limiter, shared by Fira and APOLLO.
+
+Both methods measure how much the moment rule scaled the low-rank gradient R, per channel
+or for the whole matrix,
+
+.. math::
+    φ = \frac{\lVert N\rVert}{\lVert R\rVert + 10^{-8}}
+
+(N the rule's direction, norms along the rank dimension of R for a per-channel φ, i.e.
+one factor per channel of the side the basis keeps at full length), apply φ to a full-size
+matrix S built from the gradient (Fira: the residual G − P R; APOLLO: G itself), and cap
+the growth of ‖S‖ from step to step at γ (the norm-growth limiter of Fira, arXiv:2410.01623,
+which APOLLO adopts).  The limited norm is kept as the 0-dim tensor
+``state["residual_norm"]``; the first step only stores it.  All tensor ops: no host sync.
+Norms of a sharded (FSDP2) parameter are reduced over the ranks through
+:mod:`lowrank_optim.distributed`.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import distributed
+from .base import ParamStep
+
+
+def norm(x: torch.Tensor, dim: int | None = None, layout: distributed.ShardLayout | None = None) -> torch.Tensor:
+    """Norms along ``dim`` (kept), or of the whole matrix (over every rank's block when sharded)."""
+    # Half-precision norms accumulate in fp32: the limiter's 1% threshold is finer than bf16.
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if dim is None:
+        return distributed.global_norm(x, layout, dtype=dtype)
+    return torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=dtype)
+
+
+def norm_ratio(step: ParamStep, per_channel: bool) -> tuple[int | None, torch.Tensor]:
+    """(the rank dimension of R or None, φ) with φ in the norms' fp32-or-wider dtype."""
+    dim = None
+    if per_channel:
+        _, right = step.projector.sides(step.state["projector"])
+        dim = 1 if right else 0  # the rank dimension: G Q^T is m x r, P^T G is r x n
+    return dim, norm(step.low_direction, dim, step.layout) / (norm(step.low, dim, step.layout) + 1e-8)
+
+
+def scaled_norm(
+    grad: torch.Tensor, dim: int | None, ratio: torch.Tensor, layout=None, minus: torch.Tensor | None = None
+) -> torch.Tensor:
+    """‖(G − up(down(G))) φ‖ (``minus`` = R, an orthogonal split) or ‖G φ‖ (``minus`` None),
+    from per-channel squared norms, without forming the scaled matrix: along a channel,
+    ‖G − P R‖² = ‖G‖² − ‖R‖² (clamped at 0 against rounding, which costs relative precision
+    ε‖G‖²/‖S‖² when the residual is a small part of G)."""
+    dtype = ratio.dtype
+    channel = grad.to(dtype).square().sum(dim=dim, keepdim=True) if dim is not None else grad.to(dtype).square().sum()
+    if minus is not None:
+        channel = channel - (minus.to(dtype).square().sum(dim=dim, keepdim=True) if dim is not None
+                             else minus.to(dtype).square().sum())
+    if dim is None:  # sharded: every rank's rows hold part of the sums
+        channel = distributed.all_reduce_sum(channel, layout)
+    total = (channel.clamp_(min=0) * ratio.square()).sum()
+    if dim is not None:  # per-row channels of a sharded matrix: this rank's rows
+        total = distributed.all_reduce_sum(total, layout)
+    return total.sqrt()
+
+
+def limit_factor(norm_now: torch.Tensor, state: dict, gamma: float | None) -> torch.Tensor:
+    """c = min(‖S‖, γ ‖S_prev‖) / ‖S‖, the factor that caps the growth of ‖S‖ (1 on the
+    first step and without a limiter); stores the limited norm.  A zero S stays zero."""
+    if gamma is None:
+        return torch.ones_like(norm_now)
+    previous = state.get("residual_norm")
+    if previous is None:
+        state["residual_norm"] = norm_now
+        return torch.ones_like(norm_now)
+    limited = torch.minimum(norm_now, previous * gamma)
+    state["residual_norm"] = limited
+    return limited / norm_now.clamp(min=torch.finfo(norm_now.dtype).tiny)
+
+
+def limit_growth(s: torch.Tensor, state: dict, gamma: float | None, reference: bool, layout=None) -> torch.Tensor:
+    """The limiter applied to a formed ``s``.  ``reference``: the arithmetic of the ``fira``
+    and ``apollo_torch`` packages, S / ℓ with ℓ = max(‖S‖ / (‖S_prev‖ + 1e-8), γ) / γ
+    (bit for bit); otherwise :func:`limit_factor`'s."""
+    if gamma is None:
+        return s
+    norm_now = norm(s, layout=layout)
+    previous = state.get("residual_norm")
+    if previous is None:
+        state["residual_norm"] = norm_now  # first step: nothing to compare with
+        return s
+    if reference:
+        limiter = (norm_now / (previous + 1e-8) / gamma).clamp(min=1.0)
+        state["residual_norm"] = norm_now / limiter
+        return s / limiter
+    return s * limit_factor(norm_now, state, gamma)
