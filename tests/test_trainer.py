@@ -51,6 +51,8 @@ RESUME_CASES = {
     "lowrank_galore_adamw": "rank=4,update_proj_gap=2,scale=0.25",
     "lowrank_fira_adamw": "rank=4,update_proj_gap=2",
     "lowrank_galore_adamw8bit": "rank=4,update_proj_gap=2,min_8bit_size=16",
+    "lowrank_apollo_adamw": "rank=4,update_proj_gap=2",
+    "lowrank_apollo_mini_adamw": "update_proj_gap=2",  # the preset's rank 1
 }
 
 

@@ -266,6 +266,8 @@ def _build_kwargs(name: str, model: nn.Module, target_modules, base: dict[str, A
     cls = _optimizer_class(name)
     owner = f"{PREFIX}{name.lower().removeprefix(PREFIX)}"
     kw = {**base, **explicit}
+    if kw.get("rank") is None and kw.get("density") is None and getattr(cls, "preset_rank", None) is not None:
+        kw["rank"] = cls.preset_rank  # a preset (APOLLO-Mini: rank 1)
     if kw.get("rank") is None and kw.get("density") is None:
         raise ValueError(f"{owner}: needs rank=... (or density=...) in optim_args, e.g. optim_args='rank=64'")
     weight_decay = kw.pop("weight_decay", None)
