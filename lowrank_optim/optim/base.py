@@ -141,7 +141,9 @@ class LowRankOptimizer(Optimizer):
 
     Subclasses set :attr:`method_checks`, compose a :attr:`moment_rule` and usually
     override only the projection hooks (:meth:`transform_low_rank_grad`,
-    :meth:`full_rank_direction`, ...).
+    :meth:`factored_update`, ...).  The hooks are for projected groups: a dense group is
+    the moment rule alone (every method's dense groups take the bulk path, which calls no
+    hook), so a hook must leave a dense group's parameters as they are.
 
     Layer-wise mode (``layerwise=True``) steps each parameter from a
     ``register_post_accumulate_grad_hook`` as soon as its gradient is complete and then
