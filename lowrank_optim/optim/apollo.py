@@ -44,7 +44,6 @@ from typing import ClassVar
 import torch
 
 from .. import _validate as V
-from ..projectors import is_projected
 from . import scaling
 from .base import ADAM_CHECKS, ADAM_DEFAULTS, LowRankOptimizer, ParamStep
 
@@ -75,9 +74,7 @@ class ApolloAdamW(LowRankOptimizer):
     method_checks = {
         **ADAM_CHECKS,
         "scaling": V.choice("channel", "tensor"),
-        "norm_growth_limit": V.Check(
-            lambda g: V.real()(g) and g >= 1, "a finite number >= 1, or None to disable the limiter", optional=True
-        ),
+        "norm_growth_limit": scaling.NORM_GROWTH_LIMIT,
         "reference_compat": V.boolean(),
     }
     # Channel norms run over the rank dimension, which a sharded parameter keeps whole; the
@@ -86,11 +83,7 @@ class ApolloAdamW(LowRankOptimizer):
 
     def _validate_group(self, group: dict, index: int) -> None:
         super()._validate_group(group, index)
-        if is_projected(group) and group["scaling"] == "channel" and group["proj_type"] == "full":
-            raise ValueError(
-                f"{type(self).__name__}: scaling='channel' cannot be combined with proj_type='full' in param "
-                f"group {index}: a two-sided sketch keeps no side at full length; use scaling='tensor'"
-            )
+        scaling.refuse_per_channel_on_two_sides(type(self).__name__, group, index, 'channel', 'tensor')
 
     def materializes_direction(self, group: dict, projector) -> bool:
         return group["reference_compat"]  # the package's order of rounding

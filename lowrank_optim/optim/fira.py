@@ -55,7 +55,6 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
-from ..projectors import is_projected
 from . import scaling
 from .base import ADAM_CHECKS, ADAM_DEFAULTS, LowRankOptimizer, ParamStep
 
@@ -84,19 +83,13 @@ class FiraAdamW(LowRankOptimizer):
     method_checks = {
         **ADAM_CHECKS,
         "scaling": V.choice("column", "matrix"),
-        "norm_growth_limit": V.Check(
-            lambda g: V.real()(g) and g >= 1, "a finite number >= 1, or None to disable the limiter", optional=True
-        ),
+        "norm_growth_limit": scaling.NORM_GROWTH_LIMIT,
         "reference_compat": V.boolean(),
     }
 
     def _validate_group(self, group: dict, index: int) -> None:
         super()._validate_group(group, index)
-        if is_projected(group) and group["scaling"] == "column" and group["proj_type"] == "full":
-            raise ValueError(
-                f"{type(self).__name__}: scaling='column' cannot be combined with proj_type='full' in param "
-                f"group {index}: a two-sided projection keeps no side at full length; use scaling='matrix'"
-            )
+        scaling.refuse_per_channel_on_two_sides(type(self).__name__, group, index, 'column', 'matrix')
 
     def materializes_direction(self, group: dict, projector) -> bool:
         # The factored form needs ‖S‖ without S, from ‖G‖² - ‖R‖² (an orthogonal split);

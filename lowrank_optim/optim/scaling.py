@@ -19,8 +19,24 @@ from __future__ import annotations
 
 import torch
 
+from .. import _validate as V
 from .. import distributed
+from ..projectors import is_projected
 from .base import ParamStep
+
+#: γ of the norm-growth limiter, as a hyperparameter check.
+NORM_GROWTH_LIMIT = V.Check(
+    lambda g: V.real()(g) and g >= 1, "a finite number >= 1, or None to disable the limiter", optional=True
+)
+
+
+def refuse_per_channel_on_two_sides(owner: str, group: dict, index: int, per_channel: str, whole: str) -> None:
+    """A per-channel φ needs a side kept at full length, which ``proj_type="full"`` lacks."""
+    if is_projected(group) and group["scaling"] == per_channel and group["proj_type"] == "full":
+        raise ValueError(
+            f"{owner}: scaling={per_channel!r} cannot be combined with proj_type='full' in param group {index}: "
+            f"a two-sided projection keeps no side at full length; use scaling={whole!r}"
+        )
 
 
 def norm(x: torch.Tensor, dim: int | None = None, layout: distributed.ShardLayout | None = None) -> torch.Tensor:
