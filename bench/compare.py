@@ -11,12 +11,15 @@ Contenders step a stack of LLaMA-shaped weight matrices (``--layers`` blocks of 
 gate, up, down; ``bench_galore.MODELS`` gives the shapes and the paper's rank) with fixed
 gradients, all at matched settings: lr 1e-3, betas (0.9, 0.999), weight decay 0, scale 0.25,
 rank and ``update_proj_gap`` T alike; each keeps its own default epsilon (it changes no
-timing).  Ours are built by ``lowrank_optim.create_optimizer``; the peers are
+timing).  APOLLO runs at its paper's scales instead (α = 1, and APOLLO-Mini's rank 1,
+tensor-wise scaling, α = √128, which ``apollo_torch`` spells ``scale=128``: it multiplies
+by the square root).  Ours are built by ``lowrank_optim.create_optimizer``; the peers are
 
 - ``galore_torch`` GaLoreAdamW and GaLoreAdafactor, ``fira`` FiraAdamW,
-  ``pytorch_optimizer`` GaLore and Fira: the same method as one of ours (the "matching peer");
-- ``apollo_torch`` APOLLOAdamW: a random projection like ours with ``projector="random"``,
-  plus APOLLO's channel-wise scaling of the full gradient (nearest, not the same method);
+  ``pytorch_optimizer`` GaLore and Fira, ``apollo_torch`` APOLLOAdamW (twice: APOLLO's and
+  APOLLO-Mini's settings): the same method as one of ours (the "matching peer"); our
+  GaLore with ``projector="random"`` has no package of its own and is set against
+  ``galore_torch``'s GaLore;
 - ``torch.optim.AdamW`` (foreach, and fused where the device has it), ``bitsandbytes``
   AdamW8bit and ``torchao`` AdamW8bit: dense baselines (our methods without a published
   package are compared with AdamW foreach; GaLoreAdamW8bit with bitsandbytes' 8-bit Adam);
@@ -60,6 +63,7 @@ import copy
 import gc
 import importlib
 import importlib.metadata
+import math
 import statistics
 import sys
 import time
@@ -143,6 +147,7 @@ class Contender:
     method: str | None = None  # lowrank_optim.memory.estimate key for the analytical minimum
     projector: str | None = None  # passed to estimate (FRUGAL, DCT, rsvd ...)
     low_rank: bool = True  # False: a dense optimizer, which has no refresh step
+    rank: int | None = None  # the contender's own rank where it is not the run's (APOLLO-Mini: 1)
     skip: str | None = None  # why this run leaves it out (e.g. --quick and a slow compile)
     error: str | None = None
     step_times: list[float] = field(default_factory=list)  # seconds, every timed step in order
@@ -169,13 +174,16 @@ def contenders(rank: int, gap: int) -> list[Contender]:
 
         return make
 
-    def peer(module: str, attr: str, grouped: dict | None = None, **kw):
-        """``module.attr`` on a projected param group with ``grouped`` keys, or on the plain
-        parameters when ``grouped`` is None (dense optimizers)."""
+    def peer(module: str, attr: str, grouped: dict | None = None, group_rank: int | None = None, **kw):
+        """``module.attr`` on a projected param group with ``grouped`` keys (rank ``group_rank``,
+        default the run's), or on the plain parameters when ``grouped`` is None (dense optimizers)."""
 
         def make(stack):
             cls = getattr(importlib.import_module(module), attr)
-            params = list(stack.parameters()) if grouped is None else peer_group(stack, rank, gap, **grouped)
+            if grouped is None:
+                params = list(stack.parameters())
+            else:
+                params = peer_group(stack, group_rank or rank, gap, **grouped)
             return cls(params, lr=LR, weight_decay=0.0, **kw)
 
         return make
@@ -184,11 +192,16 @@ def contenders(rank: int, gap: int) -> list[Contender]:
     adafactor = {"relative_step": False, "scale_parameter": False}  # lr from us, as in bench/pretrain.py
     q_galore_keys = {**galore_keys, "quant": True, "quant_n_bit": 4, "quant_group_size": 256,
                      "cos_threshold": 0.4, "gamma_proj": 2, "queue_size": 5}  # fmt: skip
+    # APOLLO's paper scales (its scripts: apollo_scale 1, and 128 with rank 1 for Mini);
+    # apollo_torch multiplies by sqrt(scale), ours by scale.
+    apollo_keys = {"proj": "random", "proj_type": "std", "scale_type": "channel", "scale": 1.0}
+    mini_keys = {"proj": "random", "proj_type": "std", "scale_type": "tensor", "scale": 128.0}
     G, F = "galore_torch GaLoreAdamW", "fira FiraAdamW"
+    A, AM = "apollo_torch APOLLOAdamW", "apollo_torch APOLLOAdamW mini"
     return [
         Contender("ours GaLoreAdamW svd", ours("galore_adamw"), "lowrank_optim", G, "galore_adamw"),
         Contender("ours GaLoreAdamW rsvd", ours("galore_adamw", projector="rsvd"), "lowrank_optim", G, "galore_adamw", "rsvd"),
-        Contender("ours GaLoreAdamW random", ours("galore_adamw", projector="random"), "lowrank_optim", "apollo_torch APOLLOAdamW"),
+        Contender("ours GaLoreAdamW random", ours("galore_adamw", projector="random"), "lowrank_optim", G, "galore_adamw", "random"),
         Contender("ours GaLoreAdafactor", ours("galore_adafactor", **adafactor), "lowrank_optim", "galore_torch GaLoreAdafactor", "galore_adafactor"),
         Contender("ours GaLoreAdamW8bit", ours("galore_adamw8bit"), "lowrank_optim", "bitsandbytes AdamW8bit", "galore_adamw8bit"),
         Contender("ours QGaLoreAdamW8bit", ours("qgalore_adamw8bit"), "lowrank_optim", "q_galore_torch QGaLoreAdamW8bit", "qgalore_adamw8bit"),
@@ -198,12 +211,16 @@ def contenders(rank: int, gap: int) -> list[Contender]:
         Contender("ours NaturalGaLoreAdamW", ours("natural_galore_adamw"), "lowrank_optim", ADAMW, "natural_galore_adamw"),
         Contender("ours GradNormLoRPAdamW", ours("gradnorm_lorp_adamw"), "lowrank_optim", ADAMW, "gradnorm_lorp_adamw"),
         Contender("ours GradNormLoRPAdamW8bit", ours("gradnorm_lorp_adamw8bit"), "lowrank_optim", ADAMW, "gradnorm_lorp_adamw8bit"),
+        Contender("ours ApolloAdamW", ours("apollo_adamw", scale=apollo_keys["scale"]), "lowrank_optim", A, "apollo_adamw"),
+        Contender("ours ApolloMiniAdamW", ours("apollo_mini_adamw", rank=1, scale=math.sqrt(mini_keys["scale"]), scaling="tensor"),
+                  "lowrank_optim", AM, "apollo_mini_adamw", rank=1),
         Contender(G, peer("galore_torch", "GaLoreAdamW", galore_keys, no_deprecation_warning=True), "galore_torch", method="galore_adamw"),
         Contender("galore_torch GaLoreAdafactor", peer("galore_torch", "GaLoreAdafactor", galore_keys, **adafactor), "galore_torch", method="galore_adafactor"),
         Contender(F, peer("fira", "FiraAdamW", {"alpha": SCALE, "proj_type": "std"}), "fira", method="fira_adamw"),
         Contender("pytorch_optimizer GaLore", peer("pytorch_optimizer", "GaLore", {"scale": SCALE, "projection_type": "std"}), "pytorch_optimizer", G, "galore_adamw"),
         Contender("pytorch_optimizer Fira", peer("pytorch_optimizer", "Fira", {"scale": SCALE, "projection_type": "std"}), "pytorch_optimizer", F, "fira_adamw"),
-        Contender("apollo_torch APOLLOAdamW", peer("apollo_torch", "APOLLOAdamW", {**galore_keys, "proj": "random", "scale_type": "channel"}), "apollo_torch"),
+        Contender(A, peer("apollo_torch", "APOLLOAdamW", apollo_keys), "apollo_torch", method="apollo_adamw"),
+        Contender(AM, peer("apollo_torch", "APOLLOAdamW", mini_keys, group_rank=1), "apollo_torch", method="apollo_mini_adamw", rank=1),
         Contender("q_galore_torch QGaLoreAdamW8bit", peer("q_galore_torch", "QGaLoreAdamW8bit", q_galore_keys), "q_galore_torch", method="qgalore_adamw8bit"),
         Contender(ADAMW, peer("torch.optim", "AdamW", foreach=True), "torch", method="adamw", low_rank=False),
         # fused: CUDA, and CPU since torch 2.4; where a device lacks it, the row lists the error
@@ -223,7 +240,7 @@ def analytical_minimum(c: Contender, stack: nn.Module, rank: int) -> float | Non
     """Bytes the method must store (``memory.estimate``, fp32 state, no gradients)."""
     if c.method is None:
         return None
-    est = estimate(stack, c.method, rank=rank, dtype=stack.layers[0].mlp.up_proj.weight.dtype, grads=False,
+    est = estimate(stack, c.method, rank=c.rank or rank, dtype=stack.layers[0].mlp.up_proj.weight.dtype, grads=False,
                    projector=c.projector)  # fmt: skip
     return est.totals["optimizer"]
 
@@ -399,7 +416,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gap", type=int, default=None, help="update_proj_gap T (default: 20 on CPU, 200 on CUDA)")
     parser.add_argument("--repeats", type=int, default=None, help="timed periods per contender (default 5, quick 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--only", default=None, help="comma-separated substrings: keep the contenders whose label has one")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated substrings, any case: keep the contenders whose label has one")
     parser.add_argument("--out", default="bench/out", help="directory for compare.md / compare.json (git-ignored)")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -417,8 +435,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     info, load_before = announce_machine(device)
     cs = contenders(rank, gap)
     if args.only:
-        keep = [s.strip() for s in args.only.split(",")]
-        cs = [c for c in cs if any(k in c.label for k in keep)]
+        # Any case: "apollo" selects our ApolloAdamW rows with the apollo_torch ones.
+        keep = [s.strip().lower() for s in args.only.split(",") if s.strip()]
+        cs = [c for c in cs if any(k in c.label.lower() for k in keep)]
     if args.quick:
         for c in cs:
             if c.package == "torchao" and not c.skip:  # its first step compiles for about a minute on CPU

@@ -2,7 +2,7 @@ r"""Convergence of every optimizer on a small byte-level LLaMA, and the rank/mem
 
 Run from the repository root::
 
-    python bench/convergence.py                       # every sweep: 29 runs of 300 steps (see below)
+    python bench/convergence.py                       # every sweep: 35 runs of 300 steps (see below)
     python bench/convergence.py --sweeps lr,method    # the optimizer comparison only
     python bench/convergence.py --sweeps rank         # the rank/memory trade-off only
     python bench/convergence.py --report-only         # tables and plots from the runs saved so far
@@ -19,7 +19,9 @@ hyperparameters.  Three sweeps:
 
 ``lr``
     a learning-rate sweep (3 values, 4 for AdamW) for ``torch.optim.AdamW``, ``GaLoreAdamW``
-    and ``FiraAdamW``, the three the issue compares directly;
+    and ``FiraAdamW``, the three the issue compares directly, and ``ApolloAdamW`` and
+    ``ApolloMiniAdamW`` at the APOLLO paper's settings (scale 1; Mini: rank 1, scale √128),
+    whose step is AdamW-sized, so their grid is AdamW's upper three values;
 ``method``
     every other optimizer of the package once, at the settings the low-rank methods share
     (rank, ``update_proj_gap``, scale 0.25, the GaLore lr), FRUGAL at AdamW's lr and scale 1
@@ -29,6 +31,9 @@ hyperparameters.  Three sweeps:
     ranks 4..256 (clipped to the model's smallest matrix side) for GaLore, Fira, FRUGAL and
     DCT: validation loss against optimizer-state bytes.
 
+A run is named by its optimizer, lr, rank and scale, and reused by every sweep that lists
+it, so adding a method to a sweep trains only the new method's runs.
+
 Each finished run is saved at once to ``OUT/convergence/runs/<run>.json`` and skipped when
 the script is run again with the same settings, so a long sweep can be stopped and resumed,
 and two sweeps can run in two processes side by side.  The report (``convergence.md``,
@@ -37,8 +42,8 @@ from every saved run of the current settings at the end of each invocation.
 
 The default model (``conv3m``: hidden 256, MLP 688, 4 heads, 4 layers, 3.3M parameters) is
 below the issue's 10-20M on purpose: on the 2 shared CPU cores this was developed on, a 10.8M
-model took 0.43 s per AdamW step against 0.14 s, and the 29 runs of the three sweeps had
-to fit in about 45 minutes (they took 50, as two 1-thread processes, ``--sweeps lr,method``
+model took 0.43 s per AdamW step against 0.14 s, and the 29 runs of the three sweeps (before
+APOLLO's six) had to fit in about 45 minutes (they took 50, as two 1-thread processes, ``--sweeps lr,method``
 and ``--sweeps rank``, side by side on a machine shared with other jobs: 84-440 s a run).  ``--model small`` (14.4M) runs the same sweeps at the size the
 issue asks for, where more time is available.
 """
@@ -69,6 +74,10 @@ LR_GRID: dict[str, tuple[float, ...]] = {
     "adamw": (3e-4, 1e-3, 3e-3, 1e-2),
     "galore_adamw": (3e-3, 1e-2, 3e-2),
     "fira_adamw": (3e-3, 1e-2, 3e-2),
+    # APOLLO's α = 1 (Mini's √128 on a rank-1 estimate) puts its step at AdamW's size, not
+    # GaLore's quarter: one lr borrowed from GaLore would not judge it; 1e-2 is its paper's.
+    "apollo_adamw": (1e-3, 3e-3, 1e-2),
+    "apollo_mini_adamw": (1e-3, 3e-3, 1e-2),
 }
 #: Every optimizer of the package outside the lr sweep (``method`` sweep), at the shared lr.
 METHODS = (
@@ -85,9 +94,17 @@ RANKS = (4, 16, 64, 256)
 LOW_RANK_LR = 1e-2  # pretrain.py's default --galore-lr: the middle of the GaLore/Fira grid
 ADAMW_LR = 3e-3  # the middle of AdamW's grid
 
-#: Settings an optimizer needs beyond the shared ones. FRUGAL's state-full part is AdamW on
-#: the subspace and its state-free part signSGD, both at the lr without GaLore's 1/4 scale.
-METHOD_SETTINGS: dict[str, dict] = {"frugal_adamw": {"lr": ADAMW_LR, "scale": 1.0}}
+#: Settings an optimizer needs beyond the shared ones (lr, rank, scale). FRUGAL's state-full
+#: part is AdamW on the subspace and its state-free part signSGD, both at the lr without
+#: GaLore's 1/4 scale. APOLLO scales the raw gradient by Adam's per-channel ratio, so its
+#: paper runs α = 1 (not GaLore's 1/4); APOLLO-Mini's single rank-1 factor underestimates
+#: that ratio, which its α = √128 makes up (the paper's scripts: apollo_scale 1, and 128
+#: with rank 1, which the reference takes the square root of).
+METHOD_SETTINGS: dict[str, dict] = {
+    "frugal_adamw": {"lr": ADAMW_LR, "scale": 1.0},
+    "apollo_adamw": {"scale": 1.0},
+    "apollo_mini_adamw": {"rank": 1, "scale": math.sqrt(128)},
+}
 
 #: Names in the tables and plots: the classes users import.
 LABELS = {
@@ -101,6 +118,8 @@ LABELS = {
     "dct_adamw": "DCTAdamW",
     "frugal_adamw": "FrugalAdamW",
     "fira_adamw": "FiraAdamW",
+    "apollo_adamw": "ApolloAdamW",
+    "apollo_mini_adamw": "ApolloMiniAdamW",
 }
 
 FULL = {"model": CONV_MODEL, "steps": 300, "batch_size": 8, "seq_len": 128, "warmup": 30, "eval_every": 30,
@@ -131,7 +150,7 @@ def plan(sweeps: Sequence[str], default_rank: int, ranks: Sequence[int], max_ran
 
     def add(optimizer: str, lr: float, rank: int, sweep: str) -> None:
         settings = METHOD_SETTINGS.get(optimizer, {})
-        run = Run(optimizer, settings.get("lr", lr), rank, (sweep,), settings.get("scale", 0.25))
+        run = Run(optimizer, settings.get("lr", lr), settings.get("rank", rank), (sweep,), settings.get("scale", 0.25))
         if run.name in runs:
             run = Run(run.optimizer, run.lr, run.rank, runs[run.name].sweeps + (sweep,), run.scale)
         runs[run.name] = run
@@ -243,6 +262,18 @@ def verdicts(rows: list[dict]) -> list[str]:
         if reference and variant in same_lr:
             ratio = same_lr[variant]["val_loss"] / reference["val_loss"]
             lines.append(f"- {LABELS[variant]} / GaLoreAdamW at the same lr {LOW_RANK_LR:g}: {ratio:.3f}")
+    for variant in ("apollo_adamw", "apollo_mini_adamw"):  # the APOLLO paper: near AdamW, at SGD's memory
+        row = best.get(variant)
+        if row is None:
+            continue
+        facts = []
+        if adamw:
+            facts.append(f"{row['val_loss'] / adamw['val_loss'] - 1:+.1%} vs best AdamW, "
+                         f"with {row['state_bytes'] / adamw['state_bytes']:.2f}x its state")
+        if galore:
+            facts.append(f"{row['val_loss'] / galore['val_loss']:.3f}x GaLoreAdamW's best loss")
+        head = f"- {LABELS[variant]} (best lr {row['lr']:g}, rank {row['rank']}) {row['val_loss']:.4f}"
+        lines.append(head + (": " + "; ".join(facts) if facts else ""))
     return lines
 
 
@@ -254,6 +285,14 @@ def rank_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _colors(plt) -> dict[str, object]:
+    """One colour per optimizer, the same in both panels (AdamW black): with a dozen methods
+    the default cycle would give one optimizer different colours left and right."""
+    palette = [f"C{i}" for i in range(10)] + ["darkred", "navy", "olive", "black"]
+    others = [o for o in LABELS if o != "adamw"]
+    return {"adamw": "black", **{o: palette[i % len(palette)] for i, o in enumerate(others)}}
+
+
 def plot_curves(rows: list[dict], path: Path) -> None:
     """Left: validation loss curves (best lr of each swept optimizer, every other method).
     Right: final validation loss against lr for the swept optimizers."""
@@ -263,10 +302,11 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (curves, sweep) = plt.subplots(1, 2, figsize=(11, 4.2))
+    color = _colors(plt)
     for optimizer, row in sorted(best_by_optimizer(rows).items()):
         steps, losses = zip(*row["eval_history"])
-        style = {"color": "black", "linewidth": 2} if optimizer == "adamw" else {}
-        curves.plot(steps, losses, label=f"{LABELS[optimizer]} (lr {row['lr']:g})", **style)
+        style = {"linewidth": 2} if optimizer == "adamw" else {}
+        curves.plot(steps, losses, label=f"{LABELS[optimizer]} (lr {row['lr']:g})", color=color[optimizer], **style)
     curves.set(xlabel="step", ylabel="validation loss (nats/byte)", title="validation loss")
     finals = [r["val_loss"] for r in rows]
     curves.set_ylim(min(finals) - 0.1, max(finals) + 0.8)  # the start (ln 256 = 5.5) would flatten the rest
@@ -274,7 +314,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     for optimizer in LR_GRID:
         points = sorted((r["lr"], r["val_loss"]) for r in rows if r["optimizer"] == optimizer)
         if points:
-            sweep.plot(*zip(*points), marker="o", label=LABELS[optimizer])
+            sweep.plot(*zip(*points), marker="o", label=LABELS[optimizer], color=color[optimizer])
     sweep.set(xscale="log", xlabel="peak lr", ylabel="final validation loss", title="learning-rate sweep")
     sweep.legend(fontsize=8)
     fig.tight_layout()

@@ -2,6 +2,7 @@ r"""Memory of training with each optimizer: analytical estimate, paper reproduct
 
     python -m lowrank_optim.memory --model 1b --optimizers adamw,galore_adamw,qgalore_adamw8bit \
         --rank 512 --dtype bf16 --format markdown --plot out.png
+    python -m lowrank_optim.memory --model 60m --optimizers adamw,galore_adamw,apollo_adamw,apollo_mini_adamw
     python -m lowrank_optim.memory --paper          # GaLore paper, Table 2 memory column
     python -m lowrank_optim.memory --measure        # a tiny LLaMA, state bytes from the state
 
@@ -33,12 +34,21 @@ alive between steps, the quantity ``bench/bench_galore.py``'s ``state_bytes`` me
   zero point per group of 256, and a ``queue_size`` (5) fp32 similarity queue.  DCT keeps
   r int64 column indices; ``columns`` / ``rows`` keep int(density * n) / int(density * m)
   int32 indices; Natural GaLore keeps ``history`` (4) x numel(R) gradients.
+* ``projector="random"`` (a seeded Gaussian or orthonormal basis, redrawn when used) keeps
+  no tensor: the projector column is 0.  APOLLO and APOLLO-Mini use it by default, so a
+  projected matrix costs exactly its two moments, 2 r max(m, n) numbers in the
+  parameter's dtype (the std side rule above), plus the norm-growth limiter's fp32 0-dim
+  ``residual_norm`` (4 bytes; with the default limiter, as for Fira).  Without a rank,
+  ``apollo_mini_adamw`` gets its preset (``ApolloMiniAdamW.preset_rank`` = 1), the others
+  the paper's rank for the model.
 * FRUGAL ``blocks``: K = max(1, round(density * N)) of the group's N projected matrices
   are active (full Adam) in a round, which ones changes per round; each projected row
   carries the *expected* state K/N x 2mn, so the total is exact when the projected
   matrices share one shape and per-layer rows are averages otherwise.
 * ``adamw`` = ``torch.optim.AdamW`` (two moments in the parameter's dtype + a 4-byte fp32
-  ``step`` tensor per parameter); ``adamw8bit`` = ``bitsandbytes.optim.AdamW8bit``
+  ``step`` tensor per parameter); ``sgd`` = ``torch.optim.SGD(momentum=0.9)`` (one momentum
+  buffer in the parameter's dtype: the "SGD-like memory" APOLLO-Mini is measured against);
+  ``adamw8bit`` = ``bitsandbytes.optim.AdamW8bit``
   (blockwise, 256; plus its two 256-entry fp32 quantization maps, shared by all
   parameters, reported as the row ``(bnb qmap)``).
 * Units: bytes internally; ``GB`` = 1e9 and ``GiB`` = 2^30 are both printed where it
@@ -130,11 +140,15 @@ PAPER_TABLE2: dict[str, tuple[float, float]] = {"60m": (0.36, 0.24), "130m": (0.
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 EIGHT_BIT = {"galore_adamw8bit", "gradnorm_lorp_adamw8bit", "qgalore_adamw8bit"}
-PEERS = ("adamw", "adamw8bit")
+PEERS = ("adamw", "adamw8bit", "sgd")
+#: Keep no basis (a seed, redrawn when used) and add Fira's limiter scalar to the moments.
+APOLLO = {"apollo_adamw", "apollo_mini_adamw"}
+#: Projectors the estimator knows; ``random`` keeps only a seed.
+PROJECTORS = ("svd", "rsvd", "random", "columns", "rows", "blocks", "dct", "int4")
 
 
 def available_estimators() -> list[str]:
-    """Optimizer names :func:`estimate` accepts: ours plus ``adamw`` and ``adamw8bit``."""
+    """Optimizer names :func:`estimate` accepts: ours plus ``adamw``, ``adamw8bit`` and ``sgd``."""
     from .factory import available_optimizers
 
     return sorted(set(available_optimizers()) | set(PEERS))
@@ -145,6 +159,13 @@ def _check_optimizer(name: str) -> str:
     if key not in available_estimators():
         raise ValueError(f"unknown optimizer {name!r}; valid ones: {', '.join(available_estimators())}")
     return key
+
+
+def _preset_rank(key: str) -> int | None:
+    """The rank ``create_optimizer`` uses for ``key`` given a model and no rank (APOLLO-Mini: 1)."""
+    from .optim import OPTIMIZERS
+
+    return getattr(OPTIMIZERS.get(key), "preset_rank", None)
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -298,6 +319,8 @@ def _param_state(key: str, spec: ParamSpec, width: int, rank: int | None, densit
         return 2 * numel * width + 4, 0
     if key == "adamw8bit":
         return _moments(numel, width, True, min_8bit_size), 0
+    if key == "sgd":
+        return numel * width, 0
     eight = key in EIGHT_BIT
     if not spec.projected:
         if key == "galore_adafactor":
@@ -307,7 +330,8 @@ def _param_state(key: str, spec: ParamSpec, width: int, rank: int | None, densit
             return 4 * numel + extra, 0
         return _moments(numel, width, eight, min_8bit_size), 0
     m, n = spec.shape
-    kind = projector or {"dct_adamw": "dct", "qgalore_adamw8bit": "int4"}.get(key, "svd")
+    defaults = {"dct_adamw": "dct", "qgalore_adamw8bit": "int4", **dict.fromkeys(APOLLO, "random")}
+    kind = projector or defaults.get(key, "svd")
     if key == "frugal_adamw" and kind == "blocks":
         return block_fraction * 2 * numel * width, 0
     if kind in ("columns", "rows"):
@@ -319,6 +343,8 @@ def _param_state(key: str, spec: ParamSpec, width: int, rank: int | None, densit
         low = max(m, n) * r
         if kind == "dct":
             basis = 8 * r
+        elif kind == "random":
+            basis = 0  # the seed is a Python int: nothing but the moments stays allocated
         elif kind == "int4":
             b = min(m, n) * r
             basis = math.ceil(b / 2) + 5 * math.ceil(b / 256) + 4 * queue_size
@@ -329,8 +355,8 @@ def _param_state(key: str, spec: ParamSpec, width: int, rank: int | None, densit
         state = 4 * (r_rows + r_cols) + (4 * low if beta1 else 0)
     else:
         state = _moments(low, width, eight, min_8bit_size)
-    if key == "fira_adamw":
-        state += 4
+    if key == "fira_adamw" or key in APOLLO:
+        state += 4  # the norm-growth limiter's previous norm, a 0-dim fp32 tensor
     elif key == "natural_galore_adamw":
         state += history * low * width
     elif key.startswith("gradnorm_lorp"):
@@ -344,7 +370,8 @@ def estimate(model: str | nn.Module, optimizer: str, rank: int | None = None, de
              min_8bit_size: int = 4096, beta1: bool = False, int8_weights: bool = False) -> MemoryEstimate:
     """Analytical memory of ``optimizer`` on ``model`` (a LLaMA config name or an ``nn.Module``).
 
-    ``rank`` defaults to the paper's rank for a LLaMA config name (128 otherwise); with
+    ``rank`` defaults to the optimizer's preset (``apollo_mini_adamw``: 1), else the paper's
+    rank for a LLaMA config name (128 otherwise); with
     ``density`` the rank comes from it (FRUGAL).  ``dtype`` is the weights', gradients' and
     states' dtype (the paper: bf16).  ``grads=False`` leaves gradients out (the paper's
     column; layer-wise training frees them during backward).  ``projector`` names FRUGAL's
@@ -356,6 +383,8 @@ def estimate(model: str | nn.Module, optimizer: str, rank: int | None = None, de
     """
     key = _check_optimizer(optimizer)
     dt = _dtype(dtype)
+    if rank is None and density is None:
+        rank = _preset_rank(key)
     width = torch.empty((), dtype=dt).element_size()
     if isinstance(model, nn.Module):
         specs, label = module_param_specs(model, target_modules), type(model).__name__
@@ -367,8 +396,8 @@ def estimate(model: str | nn.Module, optimizer: str, rank: int | None = None, de
         raise ValueError(f"model must be one of {', '.join(LLAMA_CONFIGS)} or an nn.Module, not {model!r}")
     if key == "frugal_adamw" and density is None and projector in ("columns", "rows", "blocks"):
         raise ValueError(f"frugal_adamw with projector={projector!r} needs density=...")
-    if projector not in (None, "svd", "columns", "rows", "blocks", "dct", "int4", "rsvd"):
-        raise ValueError(f"unknown projector {projector!r}; valid ones: svd, rsvd, columns, rows, blocks, dct, int4")
+    if projector not in (None, *PROJECTORS):
+        raise ValueError(f"unknown projector {projector!r}; valid ones: {', '.join(PROJECTORS)}")
     if rank is None and density is None:
         rank = 128
     if key not in PEERS and not any(s.projected for s in specs):
@@ -508,11 +537,14 @@ def tiny_llama(hidden: int = 64, intermediate: int = 172, layers: int = 2, heads
 
 def build_optimizer(name: str, model: nn.Module, rank: int | None = None, density: float | None = None,
                     target_modules: Iterable[str] = ("attn", "mlp"), **kwargs: Any) -> torch.optim.Optimizer:
-    """``adamw`` (torch), ``adamw8bit`` (bitsandbytes) or one of ours on ``model``."""
+    """``adamw``, ``sgd`` (torch; SGD with momentum 0.9 unless given), ``adamw8bit``
+    (bitsandbytes) or one of ours on ``model``."""
     key = _check_optimizer(name)
     params = [p for p in model.parameters() if p.requires_grad]
     if key == "adamw":
         return torch.optim.AdamW(params, **kwargs)
+    if key == "sgd":
+        return torch.optim.SGD(params, **{"momentum": 0.9, **kwargs})
     if key == "adamw8bit":
         import bitsandbytes as bnb
 
@@ -613,13 +645,22 @@ def render(estimates: Sequence[MemoryEstimate], fmt: str = "table", unit: str = 
         return buf.getvalue()
     if fmt not in ("table", "markdown"):
         raise ValueError(f"unknown format {fmt!r}; valid ones: table, markdown, csv, json")
-    head = ["optimizer", f"weights ({unit})", f"grads ({unit})", f"state ({unit})", f"projector ({unit})", f"total ({unit})"]
-    body = [[e.optimizer, *(_fmt(e.totals[k], unit) for k in (*FIELDS, "total"))] for e in estimates]
+    head = ["optimizer", "rank", f"weights ({unit})", f"grads ({unit})", f"state ({unit})", f"projector ({unit})",
+            f"total ({unit})"]
+    body = [[e.optimizer, _size(e), *(_fmt(e.totals[k], unit) for k in (*FIELDS, "total"))] for e in estimates]
     if per_layer:
         for e in estimates:
             for layer, g in e.per_layer().items():
-                body.append([f"{e.optimizer}: {layer}", *(_fmt(g[k], unit) for k in FIELDS), _fmt(sum(g.values()), unit)])
+                body.append([f"{e.optimizer}: {layer}", _size(e), *(_fmt(g[k], unit) for k in FIELDS),
+                             _fmt(sum(g.values()), unit)])
     return _grid(head, body, fmt)
+
+
+def _size(e: MemoryEstimate) -> str:
+    """The rank column: rows of one table can differ (APOLLO-Mini's preset rank 1)."""
+    if e.optimizer in PEERS:
+        return "-"
+    return f"density {e.density:g}" if e.density is not None else str(e.rank)
 
 
 def _grid(head: list[str], body: list[list[str]], fmt: str) -> str:
@@ -706,7 +747,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lowrank_optim.memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="60m", help=f"LLaMA config: {', '.join(LLAMA_CONFIGS)}")
     parser.add_argument("--optimizers", default="adamw,galore_adamw", help="comma-separated; " + ", ".join(available_estimators()))
-    parser.add_argument("--rank", type=int, default=None, help="default: the paper's rank for the model")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="default: the optimizer's preset (apollo_mini_adamw: 1), else the paper's rank for the model")
     parser.add_argument("--density", type=float, default=None)
     parser.add_argument("--projector", default=None, help="FRUGAL projector: svd, columns, rows, blocks")
     parser.add_argument("--dtype", default="bf16", help=", ".join(sorted(DTYPES)))
@@ -741,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"measured: tiny LLaMA ({sum(p.numel() for p in model.parameters())} fp32 parameters) on {args.device}, "
               f"{args.steps} steps, random tokens", file=sys.stderr)
         for o in names:
-            rank = args.rank or 8
+            rank = args.rank or _preset_rank(_check_optimizer(o)) or 8
             res = measure(o, model=tiny_llama().to(args.device), steps=args.steps, rank=rank, density=args.density,
                           target_modules=targets, **({"projector": args.projector} if args.projector else {}))
             est = estimate(model, o, rank=rank, density=args.density, dtype="fp32", target_modules=targets,

@@ -28,8 +28,12 @@ convergence = bench_script("convergence")
 QUICK_COMPARE = [
     "ours GaLoreAdamW svd",
     "ours FiraAdamW",
+    "ours ApolloAdamW",
+    "ours ApolloMiniAdamW",
     "galore_torch GaLoreAdamW",
     "fira FiraAdamW",
+    "apollo_torch APOLLOAdamW",
+    "apollo_torch APOLLOAdamW mini",
     "q_galore_torch QGaLoreAdamW8bit",
     "torch AdamW foreach",
 ]
@@ -72,6 +76,35 @@ def test_compare_numbers_are_sane(compare_run):
         assert ours["state_vs_peer"] == pytest.approx(ours["state_bytes"] / rows["galore_torch GaLoreAdamW"]["state_bytes"])
 
 
+def test_compare_apollo_against_apollo_torch(compare_run):
+    raw, _ = compare_run
+    rows = {r["label"]: r for r in raw["rows"]}
+    pairs = (("ours ApolloAdamW", "apollo_torch APOLLOAdamW"), ("ours ApolloMiniAdamW", "apollo_torch APOLLOAdamW mini"))
+    for ours, peer in pairs:
+        assert rows[ours]["peer"] == peer
+        assert rows[ours]["state_bytes"] == rows[ours]["minimum_bytes"]  # two moments + the limiter, no basis
+        if peer in rows:  # apollo_torch also keeps its random matrix: above the minimum
+            assert rows[peer]["minimum_bytes"] == rows[ours]["minimum_bytes"]
+            assert rows[peer]["state_bytes"] > rows[peer]["minimum_bytes"]
+    # Mini's moments are rank 1: far below APOLLO's rank-r ones on the same stack
+    assert rows["ours ApolloMiniAdamW"]["state_bytes"] < rows["ours ApolloAdamW"]["state_bytes"] / 8
+
+
+def test_every_optimizer_is_a_contender_with_a_listed_peer():
+    import lowrank_optim
+
+    cs = compare.contenders(rank=8, gap=3)
+    labels = [c.label for c in cs]
+    assert len(labels) == len(set(labels))
+    assert all(c.peer in labels for c in cs if c.peer)  # a ratio against a row that exists
+    ours = {c.method for c in cs if c.package == "lowrank_optim"}
+    assert ours == set(lowrank_optim.available_optimizers())
+    by_label = {c.label: c for c in cs}
+    assert by_label["ours ApolloAdamW"].peer == "apollo_torch APOLLOAdamW"
+    assert by_label["ours ApolloMiniAdamW"].peer == "apollo_torch APOLLOAdamW mini"
+    assert by_label["ours ApolloMiniAdamW"].rank == by_label["apollo_torch APOLLOAdamW mini"].rank == 1
+
+
 def test_missing_peer_is_listed_with_its_error():
     stack = compare.stack_with_grads("tiny", 1, torch.device("cpu"))
     c = compare.Contender("nowhere Adam", lambda s: None, "no_such_package_for_lowrank_tests")
@@ -108,6 +141,13 @@ def test_convergence_plan_shares_runs_and_clips_ranks():
     frugal = [r for r in runs if r.optimizer == "frugal_adamw"]
     assert all(r.lr == convergence.ADAMW_LR and r.scale == 1.0 for r in frugal)
     assert {r.optimizer for r in runs} == {"adamw", *convergence.METHODS, *convergence.LR_GRID}
+    # APOLLO at its paper's settings (scale 1; Mini rank 1, scale sqrt 128) over its own lr grid
+    apollo = {(r.optimizer, r.lr): r for r in runs if r.optimizer.startswith("apollo")}
+    assert set(apollo) == {(o, lr) for o in ("apollo_adamw", "apollo_mini_adamw") for lr in convergence.LR_GRID[o]}
+    for (optimizer, _), run in apollo.items():
+        expected = (64, 1.0) if optimizer == "apollo_adamw" else (1, pytest.approx(math.sqrt(128)))
+        assert (run.rank, run.scale) == expected
+    assert len(convergence.plan(["lr", "method", "rank"], 64, convergence.RANKS, 256)) == 35
 
 
 def test_convergence_quick_trains_saves_and_resumes(tmp_path, monkeypatch):
@@ -124,6 +164,9 @@ def test_convergence_quick_trains_saves_and_resumes(tmp_path, monkeypatch):
     assert galore["state_bytes"] < adamw["state_bytes"]
     report = (tmp_path / "convergence_quick" / "convergence_lr_method.md").read_text()
     assert "GaLoreAdamW" in report and "target within +3%" in report
+    assert "ApolloMiniAdamW (best lr" in report and "x GaLoreAdamW's best loss" in report
+    mini, apollo = rows[("apollo_mini_adamw", convergence.LOW_RANK_LR)], rows[("apollo_adamw", convergence.LOW_RANK_LR)]
+    assert mini["state_bytes"] < apollo["state_bytes"] <= galore["state_bytes"]  # no basis; rank 1
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")

@@ -99,6 +99,7 @@ def _run(opt, model, steps=2):
 CASES = [
     ("adamw", {}, {}),
     ("galore_adamw", {"rank": 8}, {}),
+    ("galore_adamw", {"rank": 8}, {"projector": "random"}),  # a seed, no basis
     ("galore_adamw8bit", {"rank": 8}, {}),
     ("dct_adamw", {"rank": 8}, {}),
     ("qgalore_adamw8bit", {"rank": 8}, {}),
@@ -109,6 +110,8 @@ CASES = [
     ("galore_adafactor", {"rank": 8}, {}),
     ("frugal_adamw", {"density": 0.25}, {}),
     ("frugal_adamw", {"density": 0.25}, {"projector": "columns"}),
+    ("apollo_adamw", {"rank": 8}, {}),
+    ("apollo_mini_adamw", {}, {}),  # no rank: the preset (1) in the optimizer and the estimate alike
 ]
 
 
@@ -123,17 +126,19 @@ def test_measured_state_equals_estimate(name, size, extra):
     est = mem.estimate(model, name, dtype="fp32", **size, **extra)
     by_name = {r.name: r.optimizer for r in est.rows}
     assert measured == pytest.approx(by_name)
+    assert mem.state_bytes(opt) == est.totals["optimizer"]  # the whole state, each storage once
 
 
 BF16_CASES = ["adamw", "galore_adamw", "galore_adamw8bit", "qgalore_adamw8bit", "fira_adamw", "dct_adamw",
-              "gradnorm_lorp_adamw", "galore_adafactor", "natural_galore_adamw"]
+              "gradnorm_lorp_adamw", "galore_adafactor", "natural_galore_adamw", "apollo_adamw", "apollo_mini_adamw"]
+UNSIZED = {"adamw", "apollo_mini_adamw"}  # dense, or sized by its preset rank
 
 
 @pytest.mark.parametrize("name", BF16_CASES)
 def test_measured_state_equals_estimate_bf16(name):
     torch.manual_seed(0)
     model = Stack(dtype=torch.bfloat16)
-    size = {} if name == "adamw" else {"rank": 8}
+    size = {} if name in UNSIZED else {"rank": 8}
     opt = mem.build_optimizer(name, model, **size)
     _run(opt, model)
     measured = mem.state_bytes_per_param(opt, list(model.named_parameters()))
@@ -177,13 +182,52 @@ def test_int8_weights_counted_like_int8linear():
         assert (a.grads, a.state, a.projector) == (b.grads, b.state, b.projector)
 
 
-def test_measure_tiny_llama_cpu():
+@pytest.mark.parametrize("name,rank", [("galore_adamw", 8), ("apollo_adamw", 8), ("apollo_mini_adamw", None)])
+def test_measure_tiny_llama_cpu(name, rank):
     pytest.importorskip("transformers")
-    res = mem.measure("galore_adamw", steps=2, rank=8)
-    est = mem.estimate(mem.tiny_llama(), "galore_adamw", rank=8, dtype="fp32")
+    res = mem.measure(name, steps=2, rank=rank)
+    est = mem.estimate(mem.tiny_llama(), name, rank=rank, dtype="fp32")
     assert res["state_total"] == est.totals["optimizer"]
     assert 0 < res["state_bytes_per_param"] < 8
     assert res["peaks"] == {} or torch.cuda.is_available()
+
+
+def test_apollo_projected_matrix_is_two_moments_and_the_limiter():
+    lin = nn.Sequential()
+    lin.add_module("attn", nn.Linear(300, 100, bias=False))  # weight 100 x 300: moments r x 300
+    lin.add_module("mlp", nn.Linear(100, 300, bias=False))  # weight 300 x 100: moments 300 x r
+    for name, r in (("apollo_adamw", 16), ("apollo_mini_adamw", 1)):
+        rows = mem.estimate(lin, name, rank=None if name == "apollo_mini_adamw" else r, dtype="bf16").rows
+        assert [(row.state, row.projector) for row in rows] == [(2 * 300 * r * 2 + 4, 0)] * 2
+
+
+def test_apollo_mini_state_is_sgd_like():
+    """APOLLO-Mini's "SGD-like memory", measured: state <= 1.05x SGD with momentum's, once
+    every 2-D weight a Linear holds is projected (attention, MLP and the LM head).  The
+    embedding is no Linear and stays dense (AdamW, 2 numbers per element), which the ratio
+    absorbs.  Left out, the LM head's dense moments would break it when the vocabulary
+    dominates the parameters, as at LLaMA-60M; vocab 2048 on hidden 64 makes the tiny
+    model's embedding + head 73% of its parameters, like 60M's 56%."""
+    pytest.importorskip("transformers")
+    everything = ("attn", "mlp", "lm_head")
+    numel = sum(p.numel() for p in mem.tiny_llama(vocab=2048).parameters())
+    assert mem.build_optimizer("sgd", nn.Linear(2, 2)).defaults["momentum"] == 0.9
+    measured = {}
+    cases = (("sgd", everything), ("apollo_mini_adamw", everything), ("apollo_mini_adamw", ("attn", "mlp")))
+    for name, targets in cases:
+        model = mem.tiny_llama(vocab=2048)
+        res = mem.measure(name, model=model, steps=3, rank=None, target_modules=targets)
+        est = mem.estimate(model, name, dtype="fp32", target_modules=targets)
+        assert res["state_total"] == est.totals["optimizer"]
+        measured[name, targets] = res["state_total"]
+    assert measured["sgd", everything] == 4 * numel  # one fp32 momentum buffer per parameter
+    assert measured["apollo_mini_adamw", everything] <= 1.05 * measured["sgd", everything]
+    assert measured["apollo_mini_adamw", ("attn", "mlp")] > 1.05 * measured["sgd", everything]
+    # LLaMA-60M (bf16, untied head), analytically: 0.57x SGD with the head projected, 1.13x without
+    sgd_60m = mem.estimate("60m", "sgd").totals["state"]
+    mini = mem.estimate("60m", "apollo_mini_adamw", target_modules=everything).totals
+    assert mini["projector"] == 0 and mini["state"] / sgd_60m == pytest.approx(0.567, abs=0.001)
+    assert mem.estimate("60m", "apollo_mini_adamw").totals["state"] / sgd_60m == pytest.approx(1.131, abs=0.001)
 
 
 # ----------------------------------------------------------------------------- outputs
