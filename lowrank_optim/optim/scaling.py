@@ -64,11 +64,11 @@ def scaled_norm(
     from per-channel squared norms, without forming the scaled matrix: along a channel,
     ‖G − P R‖² = ‖G‖² − ‖R‖² (clamped at 0 against rounding, which costs relative precision
     ε‖G‖²/‖S‖² when the residual is a small part of G)."""
-    dtype = ratio.dtype
-    channel = grad.to(dtype).square().sum(dim=dim, keepdim=True) if dim is not None else grad.to(dtype).square().sum()
+    # Squared norms by a reduction (no squared copy of G: that would be the m x n temporary
+    # the factored update avoids).
+    channel = norm(grad, dim).square()
     if minus is not None:
-        channel = channel - (minus.to(dtype).square().sum(dim=dim, keepdim=True) if dim is not None
-                             else minus.to(dtype).square().sum())
+        channel = channel - norm(minus, dim).square()
     if dim is None:  # sharded: every rank's rows hold part of the sums
         channel = distributed.all_reduce_sum(channel, layout)
     total = (channel.clamp_(min=0) * ratio.square()).sum()
