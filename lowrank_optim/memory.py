@@ -143,8 +143,8 @@ EIGHT_BIT = {"galore_adamw8bit", "gradnorm_lorp_adamw8bit", "qgalore_adamw8bit"}
 PEERS = ("adamw", "adamw8bit", "sgd")
 #: Keep no basis (a seed, redrawn when used) and add Fira's limiter scalar to the moments.
 APOLLO = {"apollo_adamw", "apollo_mini_adamw"}
-#: Projectors the estimator knows; ``random`` keeps only a seed.
-PROJECTORS = ("svd", "rsvd", "random", "columns", "rows", "blocks", "dct", "int4")
+#: Projectors the estimator knows; ``random`` and ``gaussian`` keep only a seed.
+PROJECTORS = ("svd", "rsvd", "random", "gaussian", "columns", "rows", "blocks", "dct", "int4")
 
 
 def available_estimators() -> list[str]:
@@ -330,7 +330,7 @@ def _param_state(key: str, spec: ParamSpec, width: int, rank: int | None, densit
             return 4 * numel + extra, 0
         return _moments(numel, width, eight, min_8bit_size), 0
     m, n = spec.shape
-    defaults = {"dct_adamw": "dct", "qgalore_adamw8bit": "int4", **dict.fromkeys(APOLLO, "random")}
+    defaults = {"dct_adamw": "dct", "qgalore_adamw8bit": "int4", **dict.fromkeys(APOLLO, "gaussian")}
     kind = projector or defaults.get(key, "svd")
     if key == "frugal_adamw" and kind == "blocks":
         return block_fraction * 2 * numel * width, 0
@@ -343,7 +343,7 @@ def _param_state(key: str, spec: ParamSpec, width: int, rank: int | None, densit
         low = max(m, n) * r
         if kind == "dct":
             basis = 8 * r
-        elif kind == "random":
+        elif kind in ("random", "gaussian"):
             basis = 0  # the seed is a Python int: nothing but the moments stays allocated
         elif kind == "int4":
             b = min(m, n) * r

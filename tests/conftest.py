@@ -112,7 +112,7 @@ OPTIMIZER_CASES = {
     "apollo": lambda m, b: lo.ApolloAdamW(groups(m, b), lr=1e-2, weight_decay=0.1),
     "apollo_mini_no_limiter": lambda m, b: lo.ApolloMiniAdamW(groups(m, b, rank=1), lr=1e-2, norm_growth_limit=None),
     "apollo_reference": lambda m, b: lo.ApolloAdamW(
-        groups(m, b, projector_args={"distribution": "gaussian", "stream": "apollo"}),
+        groups(m, b, projector_args={"stream": "apollo"}),
         lr=1e-2, eps=1e-6, eps_style="hf", decay_after_update=True, reference_compat=True, weight_decay=0.1,
     ),
     "galore_adafactor_project": lambda m, b: lo.GaLoreAdafactor(

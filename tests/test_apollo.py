@@ -15,7 +15,7 @@ from lowrank_optim import memory
 apollo_torch = pytest.importorskip("apollo_torch")
 
 REFERENCE_RECIPE = dict(eps=1e-6, eps_style="hf", decay_after_update=True, reference_compat=True)
-APOLLO_STREAM = {"distribution": "gaussian", "stream": "apollo"}
+APOLLO_STREAM = {"stream": "apollo"}
 
 
 @pytest.mark.parametrize("scaling,rank,reference_scale", [("channel", 4, 1.0), ("tensor", 1, 128.0), ("channel", 3, 2.0)])
@@ -117,7 +117,22 @@ def test_channel_scaling_refuses_a_two_sided_sketch():
 
 def test_apollo_stream_needs_gaussian_draws():
     with pytest.raises(ValueError, match=r"stream='apollo'.*needs distribution='gaussian'"):
-        lo.ApolloAdamW([{"params": make_params()[0], "rank": 2, "projector_args": {"stream": "apollo"}}])
+        lo.ApolloAdamW([{"params": make_params()[0], "rank": 2, "projector": "random",
+                         "projector_args": {"stream": "apollo"}}])
+
+
+@pytest.mark.parametrize("group", [
+    {"projector": "svd"}, {"projector": "rsvd", "on_refresh": "reset"}, {"on_refresh": "project"}, {"projector": "dct"},
+    {"projector": "columns", "rank": None, "density": 0.5},
+], ids=["svd", "rsvd_reset", "project", "dct", "columns"])
+def test_apollo_trains_on_every_kind_of_sketch(group):
+    mats, bias = make_params()
+    opt = lo.ApolloAdamW([{"params": mats, "rank": 3, "update_proj_gap": 3, **group}, {"params": [bias]}], lr=1e-2)
+    start = [m.detach().clone() for m in mats]
+    for t in range(7):
+        fake_grads([*mats, bias], t)
+        opt.step()
+    assert all(torch.isfinite(m).all() and not torch.equal(m, s) for m, s in zip(mats, start))
 
 
 def test_layerwise_apollo_equals_a_regular_step():

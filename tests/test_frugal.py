@@ -150,7 +150,7 @@ def test_basis_mode_adam_part_lies_in_the_subspace(proj_type):
 
 
 def test_frugal_rejects_a_non_orthogonal_random_basis():
-    with pytest.raises(ValueError, match=r"distribution='gaussian' in param group 0 is not an orthogonal projection"):
+    with pytest.raises(ValueError, match=r"in param group 0 is not an orthogonal projection"):
         FrugalAdamW(
             [{"params": matrices(1), "rank": 2, "projector": "random", "projector_args": {"distribution": "gaussian"}}]
         )

@@ -30,8 +30,8 @@ APOLLO-Mini (:class:`ApolloMiniAdamW`) is the rank-1, tensor-wise preset with α
 
 ``reference_compat=True`` follows ``apollo_torch`` 1.0.3's arithmetic instead: S formed,
 its limiter ``S / max(‖S‖ / (‖S_prev‖ + 1e-8), γ) / γ``, then α.  With
-``eps=1e-6, eps_style="hf", decay_after_update=True`` and ``projector_args={"distribution":
-"gaussian", "stream": "apollo"}`` (its seeds and draws) this reproduces
+``eps=1e-6, eps_style="hf", decay_after_update=True`` and ``projector_args={"stream":
+"apollo"}`` (its seeds and draws) this reproduces
 ``apollo_torch.APOLLOAdamW`` bit for bit (its ``scale`` is our α², it multiplies by √scale).
 Differences between the paper and the package, and the defaults chosen, are in
 docs/methods/apollo.md.
@@ -52,7 +52,7 @@ class ApolloAdamW(LowRankOptimizer):
     """APOLLO (module docstring has the math).
 
     Args: those of :class:`~lowrank_optim.optim.galore.GaLoreAdamW` (``projector`` defaults
-    to ``"random"`` with ``projector_args={"distribution": "gaussian"}``, ``scale`` to 1), and
+    to ``"gaussian"``, the seeded N(0, 1/r) sketch, ``scale`` to 1), and
         scaling: ``channel`` (one factor per channel of the kept side) or ``tensor`` (one
             for the matrix); ``channel`` needs a one-sided ``proj_type``.
         norm_growth_limit: γ >= 1, the largest step-to-step growth of ‖S‖; None disables it.
@@ -64,8 +64,7 @@ class ApolloAdamW(LowRankOptimizer):
     projects_back = False  # the update scales G itself
     method_defaults = {
         **ADAM_DEFAULTS,
-        "projector": "random",
-        "projector_args": {"distribution": "gaussian"},
+        "projector": "gaussian",
         "scale": 1.0,
         "scaling": "channel",
         "norm_growth_limit": 1.01,

@@ -52,6 +52,7 @@ its group when it next steps.
 from __future__ import annotations
 
 from .. import _validate as V
+from ..projectors import make_projector
 from .base import ADAM_CHECKS, ADAM_DEFAULTS, LowRankOptimizer, ParamStep
 
 
@@ -81,10 +82,12 @@ class FrugalAdamW(LowRankOptimizer):
 
     def _validate_group(self, group: dict, index: int) -> None:
         super()._validate_group(group, index)
-        if group["projector"] == "random" and (group.get("projector_args") or {}).get("distribution") == "gaussian":
+        projector = make_projector(group)
+        if projector is not None and not projector.orthonormal:
             raise ValueError(
-                f"{type(self).__name__}: projector_args distribution='gaussian' in param group {index} is not an "
-                "orthogonal projection, so G would not split into subspace + complement; use 'orthonormal'"
+                f"{type(self).__name__}: projector={group['projector']!r} with projector_args="
+                f"{group.get('projector_args')!r} in param group {index} is not an orthogonal projection (e.g. "
+                "distribution='gaussian'), so G would not split into subspace + complement; use an orthonormal one"
             )
 
     def state_free_update(self, step: ParamStep):

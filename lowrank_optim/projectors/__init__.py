@@ -1,5 +1,5 @@
 """Projectors by name: ``svd`` (exact), ``rsvd`` (randomized), ``random`` (seeded),
-``dct`` (DCT-II columns), ``columns``/``rows``/``entries``/``blocks`` (coordinate subsets), ``int4`` (a packed INT4
+``gaussian`` (seeded N(0, 1/r), APOLLO's), ``dct`` (DCT-II columns), ``columns``/``rows``/``entries``/``blocks`` (coordinate subsets), ``int4`` (a packed INT4
 basis around ``svd``/``rsvd``, Q-GaLore)."""
 from .base import (
     PROJ_TYPES,
@@ -15,7 +15,7 @@ from .base import (
 from .coords import BlockProjector, ColumnProjector, CoordinateProjector, EntryProjector, RowProjector
 from .dct import DCTProjector
 from .quantized import QuantizedProjector
-from .random import RandomProjector
+from .random import GaussianProjector, RandomProjector
 from .rsvd import RandomizedSVDProjector, randomized_svd
 from .svd import SVDProjector
 
@@ -25,6 +25,7 @@ __all__ = [
     "CoordinateProjector",
     "DCTProjector",
     "EntryProjector",
+    "GaussianProjector",
     "RowProjector",
     "PROJ_TYPES",
     "REGISTRY",

@@ -34,7 +34,7 @@ class RandomProjector(Projector):
     def validate_options(cls, owner: str, options, where: str) -> None:
         super().validate_options(owner, options, where)
         options = dict(options or {})
-        if options.get("stream") == "apollo" and options.get("distribution", "orthonormal") != "gaussian":
+        if options.get("stream") == "apollo" and options.get("distribution", cls.option_defaults["distribution"]) != "gaussian":
             raise ValueError(
                 f"{owner}: projector_args stream='apollo' in {where} draws apollo_torch's Gaussian bases: "
                 "it needs distribution='gaussian'"
@@ -82,6 +82,15 @@ class RandomProjector(Projector):
         if self.distribution == "orthonormal":
             return orthonormal_columns(sample)
         return sample * unit_gaussian_scale(rank)
+
+
+@register_projector
+class GaussianProjector(RandomProjector):
+    """:class:`RandomProjector` drawing N(0, 1/r) entries by default: APOLLO's sketch, a
+    projector of its own name so that it needs no ``projector_args``."""
+
+    name = "gaussian"
+    option_defaults = {**RandomProjector.option_defaults, "distribution": "gaussian"}
 
 
 def _successor(seed: int) -> int:
