@@ -363,7 +363,18 @@ class LowRankOptimizer(Optimizer):
         for p in params:
             buckets.setdefault((p.device, p.dtype), []).append(p)
         for bucket in buckets.values():
-            self._step_bucket(bucket, group, projector, fresh)
+            # In chunks of at most BULK_CHUNK_ELEMENTS parameter entries: the rule's foreach
+            # temporaries (R, the denominators, the directions) live for a whole chunk, so a
+            # group of large matrices must not hold them for all at once (a step's peak would
+            # grow with the model), while many small matrices still share their kernels.
+            chunk, size = [], 0
+            for p in bucket:
+                if chunk and size + p.numel() > BULK_CHUNK_ELEMENTS:
+                    self._step_bucket(chunk, group, projector, fresh)
+                    chunk, size = [], 0
+                chunk.append(p)
+                size += p.numel()
+            self._step_bucket(chunk, group, projector, fresh)
 
     def _step_bucket(self, params: list, group: dict, projector: Projector | None, fresh: dict) -> None:
         stepped, grads, lows, states = [], [], [], []
@@ -926,6 +937,11 @@ class LowRankOptimizer(Optimizer):
             adopted[key] = value
         return adopted
 
+
+#: Parameter entries per chunk of the bulk path (2^22: 16 MiB of fp32 weights): beyond it a
+#: matrix's own kernels are large enough that sharing them gains nothing, and the chunk's
+#: temporaries stay a fraction of one large matrix.
+BULK_CHUNK_ELEMENTS = 1 << 22
 
 #: The hooks of a projected step; a class that keeps them all at the template's default
 #: steps its projected groups in bulk (:meth:`LowRankOptimizer._step_many`).
