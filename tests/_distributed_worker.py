@@ -158,13 +158,22 @@ def error_of(fn) -> str:
 
 
 def run(rank: int, world: int, port: int, out_dir: str) -> None:
+    def work():
+        results = checks(rank, world, out_dir)
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "results.pt"))
+
+    in_process_group(rank, world, port, out_dir, work)
+
+
+def in_process_group(rank: int, world: int, port: int, out_dir: str, work) -> None:
+    """Run ``work()`` as ``rank`` of a gloo group of ``world`` (one thread each); a failure's
+    traceback goes to ``out_dir/error{rank}.txt`` for the test to show."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = checks(rank, world, out_dir)
-        if rank == 0:
-            torch.save(results, os.path.join(out_dir, "results.pt"))
+        work()
     except Exception:
         with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())

@@ -9,13 +9,13 @@ model in one process on the whole batch; each rank writes what the tests compare
 from __future__ import annotations
 
 import os
-import traceback
 from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from _distributed_worker import in_process_group
 from lowrank_optim import QGaLoreAdamW8bit
 from lowrank_optim.quant import Int8Linear, clip_grad_norm_, convert_linear_to_int8, sync_int8_grads
 
@@ -106,20 +106,9 @@ def missing_gradients(rank: int) -> dict:
 
 
 def run(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    def work():
         results = {name: train(name, rank, world) for name in RUNS}
         results["missing_gradients"] = missing_gradients(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    except Exception:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    else:
-        # Leave together: rank 0 hosts the TCP store, and a rank still tearing down its
-        # process group when the store's host has exited aborts ("terminate called").
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+
+    in_process_group(rank, world, port, out_dir, work)
