@@ -7,6 +7,7 @@ tests compare to ``results.pt`` (plain tensors, numbers and strings only).
 from __future__ import annotations
 
 import os
+import socket
 import traceback
 
 import torch
@@ -164,6 +165,14 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
             torch.save(results, os.path.join(out_dir, "results.pt"))
 
     in_process_group(rank, world, port, out_dir, work)
+
+
+def spawn(run, world: int, out_dir: str) -> None:
+    """Start ``run(rank, world, port, out_dir)`` in ``world`` processes on a free local port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(run, args=(world, port, out_dir), nprocs=world, join=True)
 
 
 def in_process_group(rank: int, world: int, port: int, out_dir: str, work) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-import socket
 
 import pytest
 import torch
@@ -26,10 +25,7 @@ WORLD = 2
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(worker.run, args=(WORLD, port, str(out)), nprocs=WORLD, join=True)
+    worker.spawn(worker.run, WORLD, str(out))
     return torch.load(out / "results.pt", weights_only=True)
 
 

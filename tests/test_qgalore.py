@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import io
-import socket
 
 import pytest
 import torch
 from torch import nn
 
+import _distributed_worker as distributed_worker
 import _int8_ddp_worker as int8_ddp
 import lowrank_optim.ops  # noqa: F401  (registers torch.ops.lowrank_optim)
 from conftest import assert_same_state
@@ -449,10 +449,7 @@ def test_backward_and_zero_grad_clear_the_averaged_mark():
 def ddp_record(tmp_path_factory):
     """Both ranks' records of tests/_int8_ddp_worker.py (2 gloo processes, one spawn)."""
     out = tmp_path_factory.mktemp("int8_ddp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(int8_ddp.run, args=(2, port, str(out)), nprocs=2, join=True)
+    distributed_worker.spawn(int8_ddp.run, 2, str(out))
     return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
 
 

@@ -36,7 +36,6 @@ state's DTensor wrapping go through :mod:`lowrank_optim.distributed` (docs/distr
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from typing import Any, Callable, ClassVar, Iterable, NamedTuple
 
@@ -46,7 +45,7 @@ from torch.optim import Optimizer
 from .. import _validate as V
 from .. import distributed
 from ..projectors import PROJ_TYPES, REGISTRY, Projector, RefreshFailed, is_projected, make_projector
-from ..projectors.base import CLOCK, Transition
+from ..projectors.base import CLOCK
 from ..quant.int8_linear import is_int8_weight
 from .rules import Adam, MomentRule, Update
 
