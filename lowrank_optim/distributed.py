@@ -34,8 +34,9 @@ local block :math:`W_k` (:math:`m_k` x n):
 
 A method whose hooks have not been checked for reductions across rows refuses DTensor
 parameters (:func:`check_method`): a method lists the hooks it has audited in
-``shard_safe_hooks``.  The layer-wise mode refuses any multi-process run
-(:func:`check_layerwise`).
+``shard_safe_hooks``.  Layer-wise mode (:mod:`lowrank_optim.optim.layerwise`) steps a
+sharded parameter from the hook FSDP2 runs after its reduce-scatter, through the same
+:func:`local_step` and :func:`refresh`.
 """
 from __future__ import annotations
 
@@ -201,18 +202,6 @@ def check_method(optimizer: torch.optim.Optimizer, layout: ShardLayout | None) -
         )
 
 
-def check_layerwise(owner: str) -> None:
-    """Layer-wise mode steps a parameter from its post-accumulate-grad hook, which fires on
-    the rank's *local* gradient, before DDP all-reduces it (and FSDP2 reduce-scatters it
-    after the hook too): each rank would step on its own data and the replicas diverge."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise ValueError(
-            f"{owner}: layerwise=True cannot run with torch.distributed (world size {dist.get_world_size()}): "
-            "its hooks step each parameter on this rank's local gradient, before DDP or FSDP reduce it "
-            "across ranks; use layerwise=False (docs/distributed.md)"
-        )
-
-
 # ----------------------------------------------------------------------------- projector
 def init_projector_state(
     owner: str, projector: Projector, shape: torch.Size, seed: int, slot: tuple[int, int], layout: ShardLayout | None
@@ -346,6 +335,6 @@ def global_norm(x: torch.Tensor, layout: ShardLayout | None, dtype: torch.dtype 
 
 
 __all__ = [
-    "LocalStep", "ShardLayout", "all_reduce_sum", "check_layerwise", "check_method", "global_norm",
+    "LocalStep", "ShardLayout", "all_reduce_sum", "check_method", "global_norm",
     "init_projector_state", "local_step", "refresh", "shard_layout",
 ]

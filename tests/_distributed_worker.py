@@ -309,5 +309,4 @@ def refusal_checks() -> dict:
         "left_fsdp": error_of(fsdp_with(lambda m: lo.GaLoreAdamW([{**weights(m)[0], "proj_type": "left"}]))),
         "rows_fsdp": error_of(fsdp_with(lambda m: lo.FrugalAdamW(
             [{**weights(m)[0], "rank": None, "density": 0.5, "projector": "rows"}]))),
-        "layerwise_ddp": error_of(lambda: lo.GaLoreAdamW(weights(make_model()), layerwise=True)),
     }

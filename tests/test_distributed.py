@@ -130,7 +130,6 @@ def test_dcp_checkpoint_of_two_ranks_loads_into_one_process(record):
         ("natural_galore_fsdp", r"NaturalGaLoreAdamW: sharded .* not supported: .*transform_low_rank_grad"),
         ("left_fsdp", r"GaLoreAdamW: proj_type='left' projects .* sharded dimension 0"),
         ("rows_fsdp", r"FrugalAdamW: projector='rows' projects .* use the 'columns' projector"),
-        ("layerwise_ddp", r"GaLoreAdamW: layerwise=True cannot run with torch.distributed \(world size 2\)"),
     ],
 )
 def test_refusals(record, case, message):

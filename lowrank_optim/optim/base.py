@@ -47,6 +47,7 @@ from .. import distributed
 from ..projectors import PROJ_TYPES, REGISTRY, Projector, RefreshFailed, is_projected, make_projector
 from ..projectors.base import CLOCK
 from ..quant.int8_linear import is_int8_weight
+from .layerwise import LayerwiseMixin
 from .rules import Adam, MomentRule, Update
 
 #: Hyperparameters every LowRankOptimizer group carries, with their checks.
@@ -135,7 +136,7 @@ class ParamStep(NamedTuple):
     layout: distributed.ShardLayout | None = None
 
 
-class LowRankOptimizer(Optimizer):
+class LowRankOptimizer(LayerwiseMixin, Optimizer):
     """Base class: param groups, lazy state, validation and the template step.
 
     Subclasses set :attr:`method_checks`, compose a :attr:`moment_rule` and usually
@@ -192,11 +193,8 @@ class LowRankOptimizer(Optimizer):
         """What the optimizer keeps besides its state and groups: caches, hooks, counters.
         Rebuilt (never pickled) after ``copy.deepcopy``/``torch.load`` of the optimizer."""
         self._warned: set[int] = set()
-        self._hooks: list = []
         self._positions: dict[int, tuple[int, int]] | None = None
-        self._micro_batches = 0  # backward passes completed in the current accumulation window
-        self._in_backward = False  # the end-of-backward callback is queued
-        self._grad_scaler = None
+        self._init_layerwise_runtime()
         self._plans: list | None = None  # per group: (configuration, projector), see _projector
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -233,7 +231,6 @@ class LowRankOptimizer(Optimizer):
             self.param_groups.pop()
             raise
         if self.layerwise:
-            distributed.check_layerwise(type(self).__name__)
             self._register_layerwise_hooks(group)
 
     #: Whether the update uses back(N) at all: APOLLO's scales the raw gradient instead, so
@@ -263,6 +260,9 @@ class LowRankOptimizer(Optimizer):
             reason = self._unsupported(p, projector)
             if reason:
                 raise ValueError(f"{owner}: parameter {name} (shape {tuple(p.shape)}) in {where} {reason}")
+            # Sharded already (fully_shard before the optimizer, as FSDP2 wants): refuse a
+            # method that is not shard-aware now rather than at the first step.
+            distributed.check_method(self, distributed.shard_layout(p))
 
     def _unsupported(self, p: torch.Tensor, projector: Projector | None) -> str | None:
         """Why this optimizer cannot train ``p`` in a group with ``projector``, or None."""
@@ -300,7 +300,10 @@ class LowRankOptimizer(Optimizer):
                 "optimizer.attach_grad_scaler(scaler) before the first backward, so that each gradient hook "
                 "unscales its gradient and skips a non-finite one (docs/guide.md)"
             )
-        if not self.layerwise:  # in layer-wise mode the gradient hooks stepped the parameters
+        # In layer-wise mode the gradient hooks step the parameters; a gradient that no hook
+        # saw (assigned by hand, or the zeros torch.distributed.checkpoint steps on to create
+        # the state it loads into) steps here, unless a window of backward passes is open.
+        if not (self.layerwise and self._hooked):
             for index, group in enumerate(self.param_groups):
                 projector = self._projector(index)
                 params = [p for p in group["params"] if self.gradient(p) is not None]
@@ -651,12 +654,7 @@ class LowRankOptimizer(Optimizer):
         subtracted after the main update (e.g. FRUGAL's signSGD on the complement)."""
         return None
 
-    # ------------------------------------------------------------------ layer-wise mode
-    def _register_layerwise_hooks(self, group: dict) -> None:
-        for p in group["params"]:
-            if p.requires_grad:
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._layerwise_hook))
-
+    # ------------------------------------------------------------------ layer-wise mode (layerwise.py)
     def _position(self, p: torch.Tensor) -> tuple[int, int]:
         """(group index, position among all parameters), cached.
 
@@ -666,95 +664,6 @@ class LowRankOptimizer(Optimizer):
             params = ((i, q) for i, g in enumerate(self.param_groups) for q in g["params"])
             self._positions = {id(q): (i, pos) for pos, (i, q) in enumerate(params)}
         return self._positions[id(p)]
-
-    @torch.no_grad()
-    def _layerwise_hook(self, p: torch.Tensor) -> None:
-        if not self._in_backward:
-            # The first gradient of this backward pass: count the pass when it ends, so
-            # every hook of one pass agrees on where it is in the accumulation window.
-            self._in_backward = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-        if self._micro_batches + 1 == self.accumulation_steps:
-            self._step_layerwise(p)
-        # else: keep accumulating into p.grad
-
-    @torch.no_grad()
-    def _end_of_backward(self) -> None:
-        self._in_backward = False
-        self._micro_batches += 1
-        if self._micro_batches < self.accumulation_steps:
-            return
-        self._micro_batches = 0
-        # A parameter with gradients from earlier micro-batches but none from the last one
-        # has not stepped: step it now, on the window's sum, so nothing leaks into the next.
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.requires_grad:
-                    self._step_layerwise(p)
-
-    def _step_layerwise(self, p: torch.Tensor) -> None:
-        if self._grad_scaler is not None and not self._unscale(p.grad):
-            p.grad = None  # overflow: skip this parameter's step, as GradScaler skips a step
-            return
-        if self.max_grad_norm is not None:
-            norm = p.grad.norm()
-            p.grad.mul_(torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0))
-        index = self._position(p)[0]
-        self._step_param(p, self.param_groups[index], self._projector(index))
-        p.grad = None  # the point of layer-wise mode: free the full gradient now
-
-    # ------------------------------------------------------------------ GradScaler (layer-wise)
-    @property
-    def _step_supports_amp_scaling(self) -> bool:
-        # Read by torch.amp.GradScaler.step: in layer-wise mode the gradients are gone by
-        # then, so the scaler must not look for them; the hooks have unscaled them.
-        return self.layerwise
-
-    def attach_grad_scaler(self, scaler: torch.amp.GradScaler) -> None:
-        """Use ``scaler`` (``torch.amp.GradScaler``) in layer-wise mode.
-
-        Each gradient hook unscales its gradient and checks it for inf/NaN, recording the
-        result where ``scaler.step``/``scaler.update`` read it; a parameter whose gradient
-        is not finite skips its step (one host sync per parameter and step to decide it).
-        Unlike a regular step, parameters whose gradients came earlier in the same backward
-        have already stepped: the skip is per parameter, not for the whole model.
-        """
-        if not self.layerwise:
-            raise ValueError(
-                f"{type(self).__name__}: attach_grad_scaler is for layerwise=True; with layerwise=False use "
-                "scaler.step(optimizer) as with any torch optimizer"
-            )
-        if not isinstance(scaler, torch.amp.GradScaler):
-            raise ValueError(f"{type(self).__name__}: attach_grad_scaler needs a torch.amp.GradScaler, got {scaler!r}")
-        self._grad_scaler = scaler
-
-    def _unscale(self, grad: torch.Tensor) -> bool:
-        """Unscale ``grad`` in place for the attached GradScaler, record a non-finite one
-        in the scaler's bookkeeping for this optimizer; True when ``grad`` is finite."""
-        from torch.amp.grad_scaler import OptState
-
-        scaler = self._grad_scaler
-        if not scaler.is_enabled():
-            return True
-        if scaler._scale is None:
-            raise RuntimeError(
-                f"{type(self).__name__}: the attached GradScaler has not scaled a loss yet: "
-                "use scaler.scale(loss).backward()"
-            )
-        record = scaler._per_optimizer_states[id(self)]
-        inv_scale = scaler._scale.double().reciprocal().float().to(grad.device)
-        found = torch.zeros(1, dtype=torch.float32, device=grad.device)
-        torch._amp_foreach_non_finite_check_and_unscale_([grad], found, inv_scale)
-        seen = record["found_inf_per_device"]
-        seen[grad.device] = seen[grad.device].add_(found) if grad.device in seen else found
-        record["stage"] = OptState.UNSCALED  # scaler.step must not unscale (nothing is left to)
-        return not bool(found)
-
-    def remove_hooks(self) -> None:
-        """Detach the layer-wise gradient hooks (e.g. before handing the model elsewhere)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
 
     # ------------------------------------------------------------------ helpers
     def _group_slot(self, p: torch.Tensor, group: dict) -> tuple[int, int]:

@@ -1,0 +1,232 @@
+"""The two-process side of tests/test_layerwise_distributed.py: one spawn runs every check.
+
+Each rank trains the same tiny model under DDP and under FSDP2 (gloo, CPU), once with the
+ordinary step and once in layer-wise mode, with and without gradient accumulation (by
+``accumulation_steps`` and by ``no_sync``/``set_requires_gradient_sync``); it samples the
+live gradient bytes in the gradient hooks of an 8-layer model, checkpoints with DCP, and
+records the refusals.  Rank 0 writes what the tests compare to ``results.pt``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+import lowrank_optim as lo
+from _distributed_worker import error_of, full_params, in_process_group, make_model, spawn  # noqa: F401
+
+STEPS = 10  # update_proj_gap=4: refreshes at steps 0, 4 and 8
+GLOBAL_BATCH = 8
+SIZES = (6, 9, 11, 3)
+
+
+def make_optimizer(name: str, model: nn.Module, **loop) -> torch.optim.Optimizer:
+    projected = [model[0].weight, model[2].weight]
+    others = [p for p in model.parameters() if all(p is not q for q in projected)]
+    group = {"params": projected, "rank": 2, "update_proj_gap": 4}
+    builders = {
+        "galore_svd": lambda: lo.GaLoreAdamW([group, {"params": others}], lr=1e-2, weight_decay=0.1, **loop),
+        "galore_rsvd": lambda: lo.GaLoreAdamW([{**group, "projector": "rsvd"}, {"params": others}], lr=1e-2, **loop),
+        "fira": lambda: lo.FiraAdamW([group, {"params": others}], lr=1e-2, weight_decay=0.1, **loop),
+    }
+    return builders[name]()
+
+
+OPTIMIZERS = ("galore_svd", "galore_rsvd", "fira")
+#: How a step's gradients accumulate: one backward, two synchronised ones counted by the
+#: optimizer (accumulation_steps=2), or two of which the first does not synchronise.
+ACCUMULATION = ("none", "steps", "no_sync")
+
+
+def micro_batch(step: int, micro: int, rank: int, world: int):
+    gen = torch.Generator().manual_seed(1000 * step + micro)
+    x, y = torch.randn(GLOBAL_BATCH, SIZES[0], generator=gen), torch.randn(GLOBAL_BATCH, SIZES[-1], generator=gen)
+    share = GLOBAL_BATCH // world
+    return x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]
+
+
+def no_sync(model, mode):
+    if mode == "ddp":
+        return model.no_sync()
+
+    @contextlib.contextmanager
+    def fsdp():
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+    return fsdp()
+
+
+def train(model, optimizer, mode, accumulation, steps, first=0, rank=0, world=1):
+    micro_batches = 1 if accumulation == "none" else 2
+    for step in range(first, first + steps):
+        for micro in range(micro_batches):
+            x, y = micro_batch(step, micro, rank, world)
+            skip_sync = accumulation == "no_sync" and micro == 0
+            with no_sync(model, mode) if skip_sync else contextlib.nullcontext():
+                (nn.functional.mse_loss(model(x), y) / micro_batches).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def wrapped(mode: str):
+    """(the module to call, the module whose parameters the optimizer takes)."""
+    model = make_model()
+    if mode == "ddp":
+        return nn.parallel.DistributedDataParallel(model), model
+    fully_shard(model)
+    return model, model
+
+
+def layerwise_run(name, mode, accumulation, rank, world, steps=STEPS):
+    model, inner = wrapped(mode)
+    optimizer = make_optimizer(name, inner, layerwise=True, accumulation_steps=2 if accumulation == "steps" else 1)
+    if mode == "ddp":
+        optimizer.attach_ddp(model)
+    train(model, optimizer, mode, accumulation, steps, rank=rank, world=world)
+    return inner, optimizer
+
+
+def equivalence(rank: int, world: int) -> dict:
+    out = {}
+    for name in OPTIMIZERS:
+        for mode in ("ddp", "fsdp"):
+            for accumulation in ACCUMULATION:
+                model, inner = wrapped(mode)
+                optimizer = make_optimizer(name, inner)
+                train(model, optimizer, mode, accumulation, STEPS, rank=rank, world=world)
+                layerwise, layerwise_optimizer = layerwise_run(name, mode, accumulation, rank, world)
+                out[(name, mode, accumulation)] = {
+                    "regular": full_params(inner),
+                    "layerwise": full_params(layerwise),
+                    "refreshes": int(layerwise_optimizer.state[layerwise[0].weight]["projector"]["refreshes"]),
+                    "grads_left": sum(p.grad is not None for p in layerwise.parameters()),
+                }
+    return out
+
+
+# ----------------------------------------------------------------------------- memory
+LAYERS = 8
+WIDTH = 32
+
+
+def deep_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)])
+
+
+def gradient_bytes(params) -> int:
+    total = 0
+    for p in params:
+        if p.grad is not None:
+            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            total += g.numel() * g.element_size()
+    return total
+
+
+def memory_profile(layerwise: bool, rank: int, world: int) -> dict:
+    """Peak bytes of live ``.grad`` of this rank over one backward, sampled in a gradient
+    hook of every parameter that runs before the optimizer's (registered first)."""
+    model = deep_model()
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    params = list(model.parameters())
+    samples = []
+    for p in params:
+        p.register_post_accumulate_grad_hook(lambda _: samples.append(gradient_bytes(params)))
+    groups = [{"params": [layer.weight for layer in model], "rank": 8}, {"params": [layer.bias for layer in model]}]
+    optimizer = lo.GaLoreAdamW(groups, lr=1e-3, layerwise=layerwise)
+    x = torch.randn(4, WIDTH)
+    model(x).square().mean().backward()
+    optimizer.step()
+    shard_bytes = [
+        sum(p.to_local().numel() * p.to_local().element_size() for p in layer.parameters()) for layer in model
+    ]
+    return {"peak": max(samples), "samples": len(samples), "layer_shard_bytes": shard_bytes}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def checkpoints(rank: int, world: int, out_dir: str) -> dict:
+    """DCP: a layer-wise checkpoint resumes bit-identically; a regular one loads into it."""
+    out = {}
+    for saved_layerwise in (True, False):
+        path = os.path.join(out_dir, f"dcp_layerwise_{saved_layerwise}")
+        model, _ = wrapped("fsdp")
+        optimizer = make_optimizer("galore_svd", model, layerwise=saved_layerwise)
+        train(model, optimizer, "fsdp", "none", 3, rank=rank, world=world)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        train(model, optimizer, "fsdp", "none", 3, first=3, rank=rank, world=world)
+
+        resumed, _ = wrapped("fsdp")
+        resumed_optimizer = make_optimizer("galore_svd", resumed, layerwise=True)
+        model_sd, optim_sd = get_state_dict(resumed, resumed_optimizer)
+        loaded = {"model": model_sd, "optim": optim_sd}
+        dcp.load(loaded, checkpoint_id=path)
+        set_state_dict(resumed, resumed_optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        train(resumed, resumed_optimizer, "fsdp", "none", 3, first=3, rank=rank, world=world)
+        out[saved_layerwise] = {"uninterrupted": full_params(model), "resumed": full_params(resumed)}
+    return out
+
+
+# ----------------------------------------------------------------------------- refusals
+def refusals(rank: int, world: int) -> dict:
+    def backward_without_wrapper():
+        model = make_model()
+        lo.GaLoreAdamW([{"params": [model[0].weight], "rank": 2}], layerwise=True)
+        x, y = micro_batch(0, 0, rank, world)
+        nn.functional.mse_loss(model(x), y).backward()
+
+    def attach_to_a_module():
+        model = make_model()
+        lo.GaLoreAdamW(model.parameters(), layerwise=True).attach_ddp(model)
+
+    def attach_foreign_parameter():
+        ddp = nn.parallel.DistributedDataParallel(make_model())
+        stranger = nn.Parameter(torch.zeros(3))
+        lo.GaLoreAdamW([*ddp.module.parameters(), stranger], layerwise=True).attach_ddp(ddp)
+
+    def attach_without_layerwise():
+        ddp = nn.parallel.DistributedDataParallel(make_model())
+        lo.GaLoreAdamW(ddp.module.parameters()).attach_ddp(ddp)
+
+    def unsafe_method_under_fsdp():
+        model, _ = wrapped("fsdp")
+        lo.NaturalGaLoreAdamW([{"params": [model[0].weight], "rank": 2}], layerwise=True)
+
+    return {
+        "no_wrapper": error_of(backward_without_wrapper),
+        "attach_module": error_of(attach_to_a_module),
+        "attach_foreign": error_of(attach_foreign_parameter),
+        "attach_not_layerwise": error_of(attach_without_layerwise),
+        "natural_galore_fsdp": error_of(unsafe_method_under_fsdp),
+    }
+
+
+def checks(rank: int, world: int, out_dir: str) -> dict:
+    return {
+        "equivalence": equivalence(rank, world),
+        "memory": {lw: memory_profile(lw, rank, world) for lw in (False, True)},
+        "dcp": checkpoints(rank, world, out_dir),
+        "errors": refusals(rank, world),
+    }
+
+
+def run(rank: int, world: int, port: int, out_dir: str) -> None:
+    def work():
+        results = checks(rank, world, out_dir)
+        if rank == 0:
+            torch.save(results, os.path.join(out_dir, "results.pt"))
+
+    in_process_group(rank, world, port, out_dir, work)
