@@ -202,3 +202,62 @@ def test_layerwise_optimizer_survives_deepcopy():
     for p, q in zip(originals, copies):
         assert torch.equal(p, q) and p.grad is None and q.grad is None
     assert twin.state[copies[0]]["step"] == lw.state[originals[0]]["step"] == 1
+
+
+def test_end_window_when_follows_the_loops_own_windows():
+    """Windows of 2, 1, 3, 2, 1, 3 micro-batches, told by a predicate (as the Trainer's
+    sync_gradients tells them) instead of counted: the same as accumulating by hand."""
+    sizes = [2, 1, 3, 2, 1, 3]
+    model, twin, data, opt, lw = twins()
+    last = {"now": False}
+    lw.end_window_when(lambda: last["now"])
+    start = 0
+    for size in sizes:
+        window = data[start : start + size]
+        start += size
+        for j, (x, y) in enumerate(window):
+            (loss_fn(model, x, y) / size).backward()
+            last["now"] = j == size - 1
+            (loss_fn(twin, x, y) / size).backward()
+        opt.step()
+        opt.zero_grad()
+        lw.step()
+    assert_same_params(model, twin)
+    assert lw.state[twin["attn"].weight]["step"] == len(sizes)
+    with pytest.raises(ValueError, match="end_window_when needs a callable"):
+        lw.end_window_when(3)
+    with pytest.raises(ValueError, match="end_window_when is for layerwise=True"):
+        opt.end_window_when(lambda: True)
+
+
+def test_layerwise_step_steps_gradients_that_no_hook_saw():
+    """Gradients assigned by hand (or DCP's zeros, see test_layerwise_distributed.py) step
+    in step(), as a regular step would; while a window is open, step() leaves them."""
+    model, twin, data, opt, lw = twins()
+    for m in (model, twin):
+        for p in m.parameters():
+            p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    lw.step()
+    assert_same_params(model, twin)
+    assert lw.state[twin["attn"].weight]["step"] == 1
+
+    _, model, data, _, lw = twins(accumulation_steps=2)
+    loss_fn(model, *data[0]).backward()  # the first of two micro-batches: the window is open
+    before = [p.detach().clone() for p in model.parameters()]
+    lw.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and not lw.state
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_attach_ddp_without_a_model_waits_once_and_is_removed_with_the_hooks():
+    from torch.nn.modules import module
+
+    _, model, _, _, lw = twins()
+    before = len(module._global_forward_pre_hooks)
+    lw.attach_ddp()  # waits for the DistributedDataParallel that wraps these parameters
+    assert len(module._global_forward_pre_hooks) == before + 1
+    with pytest.raises(ValueError, match="attach_ddp was already called"):
+        lw.attach_ddp()
+    lw.remove_hooks()
+    assert len(module._global_forward_pre_hooks) == before

@@ -84,19 +84,27 @@ def test_save_and_resume_equals_uninterrupted(tmp_path, optim):
 
 
 def test_every_optimizer_name_builds_and_steps(tmp_path):
-    assert len(NAMES) == len(lo.available_optimizers())
-    model = tiny_model()
+    """Every optimizer under its name and its layer-wise name (a factory, as the Trainer
+    calls it): one step moves the weights."""
+    assert len(NAMES) == 2 * len(lo.available_optimizers())
     batch = TokenData(n=2)[0]
     for name in NAMES:
+        model = tiny_model()
+        before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
         args = training_args(tmp_path, optim=name, optim_args="rank=4")
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
-        params = kwargs.pop("params")
-        opt = cls(params, **kwargs)
+        if name.endswith("_layerwise"):
+            opt = cls()(model, **kwargs)
+            assert opt.layerwise
+        else:
+            opt = cls(kwargs.pop("params"), **kwargs)
+            assert not opt.layerwise
         loss = model(input_ids=batch["input_ids"][None], labels=batch["labels"][None]).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
         assert torch.isfinite(loss)
+        assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, before), name
 
 
 def test_register_is_idempotent():
@@ -241,3 +249,88 @@ def test_optimizer_cls_and_kwargs_factory(tmp_path):
     assert kinds["decay"]["weight_decay"] == 0.03 and kinds["no_decay"]["weight_decay"] == 0.0
     assert all(g["initial_lr"] == 4e-3 for g in opt.param_groups)
     assert all(len(opt.state[p]) for p in kinds["low"]["params"])
+
+
+# --------------------------------------------------------------------------- layer-wise mode
+LAYERWISE_CASES = {
+    "lowrank_galore_adamw": "rank=4,update_proj_gap=2",
+    "lowrank_fira_adamw": "rank=4,update_proj_gap=2",
+}
+
+
+def layerwise_args(out, optim, **kw):
+    # 20 samples in batches of 4 are 5 micro-batches an epoch: with 2 per window the last
+    # window of each epoch has one, so the optimizer must follow the Trainer's windows.
+    return training_args(out, optim=optim, optim_args=LAYERWISE_CASES[optim.removesuffix("_layerwise")],
+                         gradient_accumulation_steps=2, max_grad_norm=0.0, **kw)
+
+
+def unwrapped(trainer):
+    return trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+
+
+@pytest.mark.parametrize("optim", sorted(LAYERWISE_CASES))
+def test_layerwise_trainer_equals_the_regular_one_with_accumulation(tmp_path, optim):
+    data = TokenData(n=20)
+    regular = Trainer(model=tiny_model(), args=layerwise_args(tmp_path / "r", optim), train_dataset=data)
+    regular.train()
+    layerwise = Trainer(model=tiny_model(), args=layerwise_args(tmp_path / "l", optim + "_layerwise"),
+                        train_dataset=data)
+    layerwise.train()
+    opt = unwrapped(layerwise)
+    assert opt.layerwise and not unwrapped(regular).layerwise
+    assert layerwise.state.global_step == regular.state.global_step == 6  # two epochs of 3 windows
+    a, b = regular.model.state_dict(), layerwise.model.state_dict()
+    start = tiny_model().state_dict()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    assert any(not torch.equal(a[key], start[key]) for key in a)
+    assert all(p.grad is None for p in layerwise.model.parameters())
+
+
+def test_layerwise_trainer_resumes_exactly(tmp_path):
+    optim = "lowrank_galore_adamw_layerwise"
+    data = TokenData(n=20)
+    full = Trainer(model=tiny_model(), args=layerwise_args(tmp_path / "full", optim), train_dataset=data)
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    resumed = Trainer(model=tiny_model(seed=5), args=layerwise_args(tmp_path / "resumed", optim), train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+
+
+def test_layerwise_trainer_clips_per_parameter_and_refuses_fp16(tmp_path):
+    from types import SimpleNamespace
+
+    args = training_args(tmp_path, optim="lowrank_galore_adamw_layerwise", optim_args="rank=4", max_grad_norm=0.5)
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, tiny_model())
+    assert cls()(tiny_model(), **kwargs).max_grad_norm == 0.5
+    fp16 = SimpleNamespace(fp16=True, deepspeed=None, max_grad_norm=1.0, learning_rate=1e-3, weight_decay=0.0,
+                           adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8)
+    with pytest.raises(ValueError, match=r"lowrank_galore_adamw_layerwise: fp16=True is not supported"):
+        integ.optimizer_cls_and_kwargs("lowrank_galore_adamw_layerwise", args=fp16, rank=4)
+    with pytest.raises(ValueError, match=r"'layerwise' is not available with the Trainer: name the layer-wise"):
+        integ.parse_optim_args("galore_adamw", "rank=4,layerwise=true")
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
+def test_layerwise_trainer_under_ddp_equals_the_regular_one(tmp_path):
+    """Two gloo processes, the Trainer wrapping the model in DDP itself: the layer-wise
+    optimizer attaches to it at its first forward and steps after each all-reduce; with
+    accumulation (accelerate's no_sync on the first micro-batch of a window) and a short
+    last window per epoch, it ends where the regular optimizer does."""
+    import _trainer_ddp_worker as worker
+
+    worker.spawn(worker.run, 2, str(tmp_path))
+    record = torch.load(tmp_path / "results.pt", weights_only=True)
+    regular, layerwise = record["lowrank_galore_adamw"], record["lowrank_galore_adamw_layerwise"]
+    assert regular["wrapper"] == layerwise["wrapper"] == "DistributedDataParallel"
+    assert regular["stepped_by_ddp"] == 0 and layerwise["stepped_by_ddp"] == len(list(tiny_model().parameters()))
+    assert layerwise["grads_left"] == 0
+    start = tiny_model().state_dict()
+    for key, value in regular["params"].items():
+        torch.testing.assert_close(layerwise["params"][key], value, rtol=0, atol=1e-6, msg=key)
+    assert any(not torch.equal(v, start[k]) for k, v in regular["params"].items())

@@ -36,9 +36,22 @@ Param groups: 2-D ``nn.Linear`` weights of the modules matched by ``optim_target
 ``"all-linear"``) are projected; everything else gets the optimizer's dense AdamW (or
 Adafactor) rule, split into a decayed and a non-decayed group.
 
-The layer-wise mode and its loop options (``layerwise``, ``accumulation_steps``,
-``max_grad_norm``) are not offered here: the Trainer owns gradient accumulation and
-clipping and would not see the gradients that mode frees.
+Layer-wise mode: ``optim="lowrank_<name>_layerwise"`` (transformers' naming, as its
+``galore_adamw_layerwise``) builds the same optimizer with ``layerwise=True``.  Unlike
+transformers' own layer-wise optimizers it is one real optimizer, not a dummy in front of
+one optimizer per parameter, so the Trainer's scheduler drives its learning rate and its
+checkpoints hold the real state (resume is exact).  The Trainer's
+``gradient_accumulation_steps`` is honoured: the optimizer steps in the backward pass of
+the last micro-batch of each window, where accelerate's ``sync_gradients`` says so (the
+short last window of an epoch included; :meth:`LowRankOptimizer.end_window_when`).
+``max_grad_norm`` clips each parameter's gradient on its own (a global norm needs every
+gradient at once, which this mode never holds), and the Trainer's ``grad_norm`` log reads
+0 (it finds no gradients left to measure).  Under several processes with DDP the optimizer
+attaches itself to the DDP model at its first forward (``attach_ddp()``); under FSDP2 its
+hooks run after each reduce-scatter.  Refused: ``fp16`` (the Trainer's GradScaler would
+find no gradients to unscale; use ``bf16``) and DeepSpeed (it owns the step).
+The loop options themselves (``layerwise``, ``accumulation_steps``, ``max_grad_norm``)
+are not ``optim_args``: the name and ``TrainingArguments`` set them.
 """
 from __future__ import annotations
 
@@ -47,6 +60,7 @@ from typing import Any, Iterable
 
 from torch import nn
 
+from ..distributed import is_dtensor
 from ..factory import available_optimizers
 from ..optim import OPTIMIZERS, LowRankOptimizer
 from ..quant import Int8Linear
@@ -54,6 +68,8 @@ from ..quant import Int8Linear
 #: Prefix of our names in ``TrainingArguments.optim``; keeps them apart from the built-in
 #: ``galore_adamw`` & co, which use the galore_torch package.
 PREFIX = "lowrank_"
+#: Suffix of the layer-wise names (``lowrank_galore_adamw_layerwise``), as transformers names its own.
+LAYERWISE_SUFFIX = "_layerwise"
 
 #: transformers versions whose ``OptimizerNames``/``_OPTIMIZER_HANDLERS`` layout this module
 #: knows (checked on 5.23 and 5.24).  The handler dict is private, so a major release may move
@@ -63,7 +79,7 @@ MAX_VERSION_EXCLUSIVE = "6"
 
 #: Loop options of LowRankOptimizer that the Trainer does itself (see the module docstring).
 TRAINER_OWNED = {
-    "layerwise": "the Trainer steps the optimizer itself; use the optimizer directly for layer-wise updates",
+    "layerwise": "name the layer-wise optimizer instead, e.g. optim='lowrank_galore_adamw_layerwise'",
     "accumulation_steps": "use TrainingArguments(gradient_accumulation_steps=...)",
     "max_grad_norm": "use TrainingArguments(max_grad_norm=...)",
 }
@@ -76,7 +92,7 @@ _registered: set[str] = set()
 
 # --------------------------------------------------------------------------- optim_args
 def _optimizer_class(name: str) -> type[LowRankOptimizer]:
-    key = str(name).lower().removeprefix(PREFIX)
+    key = str(name).lower().removeprefix(PREFIX).removesuffix(LAYERWISE_SUFFIX)
     if key not in OPTIMIZERS:
         raise ValueError(f"unknown lowrank_optim optimizer {name!r}; available: {', '.join(available_optimizers())}")
     return OPTIMIZERS[key]
@@ -277,22 +293,53 @@ def _build_kwargs(name: str, model: nn.Module, target_modules, base: dict[str, A
 
 
 # --------------------------------------------------------------------------- Trainer handler
-def _make_handler(name: str):
+def _make_handler(name: str, layerwise: bool = False):
+    optim = f"{PREFIX}{name}{LAYERWISE_SUFFIX if layerwise else ''}"
+
     def handler(ctx) -> tuple[Any, dict[str, Any]]:
         args, model = ctx.args, ctx.model
         if model is None:
-            raise ValueError(f"{PREFIX}{name}: the Trainer must pass the model to build the param groups")
+            raise ValueError(f"{optim}: the Trainer must pass the model to build the param groups")
         cls = _optimizer_class(name)
         base = {**_from_training_args(cls, args), "weight_decay": float(args.weight_decay)}
         # Our parser, not the Trainer's already split ``ctx.optim_args`` strings: same syntax,
         # but typed values and errors that list the valid keys.
         explicit = parse_optim_args(name, args.optim_args)
+        if layerwise:
+            # The factory route: the optimizer needs a word after it is built (its window
+            # predicate, DDP), and the Trainer calls a factory with the model.
+            return LowRankTrainerFactory, {
+                "name": name, "target_modules": args.optim_target_modules,
+                "hyperparameters": {**base, **explicit}, "layerwise": _layerwise_options(optim, args),
+            }
         cls, groups, rest = _build_kwargs(name, model, args.optim_target_modules, base, explicit)
         # ``params`` replaces the Trainer's own two groups (it pops it before calling cls).
         return cls, {"params": groups, **rest}
 
-    handler.__name__ = handler.__qualname__ = f"_get_{PREFIX}{name}_optimizer"
+    handler.__name__ = handler.__qualname__ = f"_get_{optim}_optimizer"
     return handler
+
+
+def _layerwise_options(optim: str, args: Any) -> dict[str, Any]:
+    """The loop options of a layer-wise optimizer under the Trainer, from its arguments;
+    the combinations it cannot honour are refused here, before any training."""
+    if getattr(args, "fp16", False):
+        raise ValueError(
+            f"{optim}: fp16=True is not supported in layer-wise mode: the Trainer's GradScaler unscales and "
+            "checks gradients after backward, when this mode has already stepped and freed them; use bf16=True"
+        )
+    if getattr(args, "deepspeed", None):
+        raise ValueError(f"{optim}: DeepSpeed runs its own optimizer step; layer-wise mode cannot run under it")
+    clip = getattr(args, "max_grad_norm", None)
+    return {"max_grad_norm": float(clip) if clip else None}
+
+
+def _sync_gradients() -> bool:
+    """accelerate's word on whether this micro-batch ends the Trainer's accumulation window
+    (``GradientState`` is shared by every instance: the Trainer's accelerator sets it)."""
+    from accelerate.state import GradientState
+
+    return GradientState().sync_gradients
 
 
 def _check_transformers():
@@ -363,13 +410,14 @@ def register() -> list[str]:
     enum_cls, handlers = _check_transformers()
     names = []
     for name in available_optimizers():
-        value = PREFIX + name
-        member = _add_member(enum_cls, value.upper(), value)
-        # Only our own keys: never replace a built-in handler.
-        if value not in _registered or member not in handlers:
-            handlers[member] = _make_handler(name)
-            _registered.add(value)
-        names.append(value)
+        for layerwise in (False, True):
+            value = PREFIX + name + (LAYERWISE_SUFFIX if layerwise else "")
+            member = _add_member(enum_cls, value.upper(), value)
+            # Only our own keys: never replace a built-in handler.
+            if value not in _registered or member not in handlers:
+                handlers[member] = _make_handler(name, layerwise)
+                _registered.add(value)
+            names.append(value)
     return names
 
 
@@ -389,9 +437,19 @@ class LowRankTrainerFactory:
         name: str,
         target_modules: str | Iterable[str],
         hyperparameters: dict[str, Any],
+        layerwise: dict[str, Any] | None = None,
     ) -> LowRankOptimizer:
         cls, groups, rest = _build_kwargs(name, model, target_modules, {}, dict(hyperparameters))
-        return cls(groups, **rest)
+        if layerwise is None:
+            return cls(groups, **rest)
+        optimizer = cls(groups, layerwise=True, **layerwise, **rest)
+        optimizer.end_window_when(_sync_gradients)
+        import torch.distributed as dist
+
+        plain = any(not is_dtensor(p) for g in optimizer.param_groups for p in g["params"])
+        if plain and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            optimizer.attach_ddp()  # accelerate wraps the model in DDP after this: attach at its first forward
+        return optimizer
 
 
 def optimizer_cls_and_kwargs(
@@ -409,7 +467,8 @@ def optimizer_cls_and_kwargs(
     Trainer does not hand them to this route; without ``args`` the optimizer's defaults
     apply).  Other keywords are the optimizer's hyperparameters (``rank`` is required),
     checked now: an unknown one is a ValueError listing the valid ones.  Biases and norms
-    get no weight decay.
+    get no weight decay.  A ``..._layerwise`` name builds the layer-wise optimizer, clipped
+    per parameter by ``args.max_grad_norm`` (module docstring).
     """
     cls = _optimizer_class(name)
     valid = [k for k in cls.hyperparameter_defaults() if k not in TRAINER_OWNED]
@@ -425,11 +484,10 @@ def optimizer_cls_and_kwargs(
         base = {**_from_training_args(cls, args), "weight_decay": float(args.weight_decay)}
     if isinstance(target_modules, (list, tuple)):
         target_modules = list(target_modules)
-    return LowRankTrainerFactory, {
-        "name": name,
-        "target_modules": target_modules,
-        "hyperparameters": {**base, **hyperparameters},
-    }
+    kwargs = {"name": name, "target_modules": target_modules, "hyperparameters": {**base, **hyperparameters}}
+    if str(name).lower().endswith(LAYERWISE_SUFFIX):
+        kwargs["layerwise"] = _layerwise_options(name, args) if args is not None else {"max_grad_norm": None}
+    return LowRankTrainerFactory, kwargs
 
 
 __all__ = [

@@ -55,6 +55,7 @@ class LayerwiseMixin:
         self._end_window: Callable[[], bool] | None = None  # see end_window_when
         self._grad_scaler = None
         self._ddp_params: set[int] = set()  # ids of parameters stepped from DDP's comm hook
+        self._ddp_search = None  # attach_ddp(None): the global forward pre-hook looking for the model
         self._reduced: dict[int, torch.Tensor] = {}  # DDP: averaged gradients of the window so far
 
     # ------------------------------------------------------------------ hooks
@@ -156,10 +157,17 @@ class LayerwiseMixin:
             raise ValueError(f"{type(self).__name__}: {what} is for layerwise=True; this optimizer has layerwise=False")
 
     # ------------------------------------------------------------------ DDP
-    def attach_ddp(self, model: torch.nn.Module, comm_hook: Callable | None = None, comm_state: Any = None) -> None:
+    def attach_ddp(
+        self, model: torch.nn.Module | None = None, comm_hook: Callable | None = None, comm_state: Any = None
+    ) -> None:
         """Step this optimizer's parameters inside ``model``'s backward (a
         ``DistributedDataParallel``), each on its averaged gradient as soon as the
         all-reduce of its bucket has finished; call it once, before the first backward.
+
+        ``model=None``: attach to the ``DistributedDataParallel`` that wraps these
+        parameters when it runs its first forward, for code that wraps the model out of
+        your reach (the Hugging Face Trainer, accelerate).  Until then a global forward
+        pre-hook looks at every module call; it is removed as soon as the model is found.
 
         ``comm_hook``/``comm_state``: a DDP communication hook and its state (default:
         DDP's own all-reduce, ``default_hooks.allreduce_hook`` on the model's process
@@ -172,10 +180,15 @@ class LayerwiseMixin:
 
         self._require_layerwise("attach_ddp")
         owner = type(self).__name__
+        if self._ddp_params or self._ddp_search is not None:
+            raise ValueError(f"{owner}: attach_ddp was already called; a layer-wise optimizer follows one DDP model")
+        if model is None:
+            self._ddp_search = torch.nn.modules.module.register_module_forward_pre_hook(
+                _FindDDP(self, comm_hook, comm_state)
+            )
+            return
         if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             raise ValueError(f"{owner}: attach_ddp needs a DistributedDataParallel model, got {type(model).__name__}")
-        if self._ddp_params:
-            raise ValueError(f"{owner}: attach_ddp was already called; a layer-wise optimizer follows one DDP model")
         managed = {id(p) for p in model._module_parameters}  # not the parameters DDP ignores
         for group in self.param_groups:
             for name, p in zip(param_names(group), group["params"]):
@@ -248,6 +261,28 @@ class LayerwiseMixin:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        if self._ddp_search is not None:
+            self._ddp_search.remove()
+            self._ddp_search = None
+
+
+class _FindDDP:
+    """The global forward pre-hook of ``attach_ddp(None)``: the first
+    ``DistributedDataParallel`` to run a forward over the optimizer's parameters is the one."""
+
+    def __init__(self, optimizer: LayerwiseMixin, comm_hook: Callable | None, comm_state: Any):
+        self.optimizer, self.comm_hook, self.comm_state = optimizer, comm_hook, comm_state
+
+    def __call__(self, module: torch.nn.Module, args: Any) -> None:
+        if not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            return
+        optimizer = self.optimizer
+        ours = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not any(id(p) in ours for p in module._module_parameters):
+            return
+        optimizer._ddp_search.remove()
+        optimizer._ddp_search = None
+        optimizer.attach_ddp(module, self.comm_hook, self.comm_state)
 
 
 class _StepAfterReduce:
