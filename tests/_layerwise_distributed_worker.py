@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 
 import lowrank_optim as lo
 from _distributed_worker import error_of, full_params, in_process_group, make_model, spawn  # noqa: F401
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 STEPS = 10  # update_proj_gap=4: refreshes at steps 0, 4 and 8
 GLOBAL_BATCH = 8
@@ -120,40 +122,12 @@ LAYERS = 8
 WIDTH = 32
 
 
-def deep_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)])
+def memory_profile(layerwise: bool) -> dict:
+    """bench/bench_layerwise_memory.py's measurement on a small FSDP2 model: peak bytes of
+    live ``.grad`` over a backward, sampled in a gradient hook of every parameter."""
+    import bench_layerwise_memory
 
-
-def gradient_bytes(params) -> int:
-    total = 0
-    for p in params:
-        if p.grad is not None:
-            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-            total += g.numel() * g.element_size()
-    return total
-
-
-def memory_profile(layerwise: bool, rank: int, world: int) -> dict:
-    """Peak bytes of live ``.grad`` of this rank over one backward, sampled in a gradient
-    hook of every parameter that runs before the optimizer's (registered first)."""
-    model = deep_model()
-    for layer in model:
-        fully_shard(layer)
-    fully_shard(model)
-    params = list(model.parameters())
-    samples = []
-    for p in params:
-        p.register_post_accumulate_grad_hook(lambda _: samples.append(gradient_bytes(params)))
-    groups = [{"params": [layer.weight for layer in model], "rank": 8}, {"params": [layer.bias for layer in model]}]
-    optimizer = lo.GaLoreAdamW(groups, lr=1e-3, layerwise=layerwise)
-    x = torch.randn(4, WIDTH)
-    model(x).square().mean().backward()
-    optimizer.step()
-    shard_bytes = [
-        sum(p.to_local().numel() * p.to_local().element_size() for p in layer.parameters()) for layer in model
-    ]
-    return {"peak": max(samples), "samples": len(samples), "layer_shard_bytes": shard_bytes}
+    return bench_layerwise_memory.profile("fsdp", layerwise, LAYERS, WIDTH, rank=8)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -217,7 +191,7 @@ def refusals(rank: int, world: int) -> dict:
 def checks(rank: int, world: int, out_dir: str) -> dict:
     return {
         "equivalence": equivalence(rank, world),
-        "memory": {lw: memory_profile(lw, rank, world) for lw in (False, True)},
+        "memory": {lw: memory_profile(lw) for lw in (False, True)},
         "dcp": checkpoints(rank, world, out_dir),
         "errors": refusals(rank, world),
     }

@@ -50,10 +50,11 @@ def test_fsdp_layerwise_holds_one_gradient_shard_at_a_time(record):
     every layer's gradient shard is alive at the end of backward; with it, at most one
     parameter's (a weight shard, less than one layer's shard)."""
     regular, layerwise = record["memory"][False], record["memory"][True]
-    per_layer = regular["layer_shard_bytes"]
+    per_layer = regular["layer_bytes"]  # this rank's shard of each layer's parameters
     assert len(per_layer) == worker.LAYERS and regular["samples"] == layerwise["samples"] == 2 * worker.LAYERS
-    assert regular["peak"] == sum(per_layer)
+    assert regular["peak"] == regular["left_after_backward"] == sum(per_layer)
     assert 0 < layerwise["peak"] <= max(per_layer)
+    assert layerwise["left_after_backward"] == 0
 
 
 @pytest.mark.parametrize("saved_layerwise", [True, False])
