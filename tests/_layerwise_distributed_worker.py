@@ -117,6 +117,27 @@ def equivalence(rank: int, world: int) -> dict:
     return out
 
 
+def swapped_like_accelerate(name: str, rank: int, world: int) -> dict:
+    """accelerate's FSDP2 ``prepare`` shards a model whose optimizer already exists and swaps
+    the sharded parameters into its groups: the layer-wise hooks follow them at the first
+    step, which steps the regular way, and from then on the run is layer-wise."""
+    model = make_model()
+    optimizer = make_optimizer(name, model, layerwise=True)
+    originals = list(model.parameters())
+    fully_shard(model)
+    mapping = {id(old): new for old, new in zip(originals, model.parameters())}
+    for group in optimizer.param_groups:
+        group["params"] = [mapping[id(p)] for p in group["params"]]
+    train(model, optimizer, "fsdp", "none", STEPS, rank=rank, world=world)
+    params = full_params(model)
+    # One more backward, no step(): in layer-wise mode the hooks step and free every gradient.
+    x, y = micro_batch(STEPS, 0, rank, world)
+    nn.functional.mse_loss(model(x), y).backward()
+    after = full_params(model)
+    return {"params": params, "stepped_in_backward": sum(not torch.equal(after[k], params[k]) for k in params),
+            "grads_left": sum(p.grad is not None for p in model.parameters())}
+
+
 # ----------------------------------------------------------------------------- memory
 LAYERS = 8
 WIDTH = 32
@@ -191,6 +212,7 @@ def refusals(rank: int, world: int) -> dict:
 def checks(rank: int, world: int, out_dir: str) -> dict:
     return {
         "equivalence": equivalence(rank, world),
+        "swapped": swapped_like_accelerate("galore_svd", rank, world),
         "memory": {lw: memory_profile(lw) for lw in (False, True)},
         "dcp": checkpoints(rank, world, out_dir),
         "errors": refusals(rank, world),

@@ -45,6 +45,12 @@ def test_layerwise_equals_the_regular_step(record, name, mode, accumulation):
     assert max_difference({k: initial[k].detach() for k in entry["regular"]}, entry["regular"]) > 1e-2
 
 
+def test_parameters_swapped_in_by_accelerate_get_the_hooks(record):
+    swapped, regular = record["swapped"], record["equivalence"][("galore_svd", "fsdp", "none")]["regular"]
+    assert max_difference(swapped["params"], regular) < 1e-5
+    assert swapped["stepped_in_backward"] == len(regular) and swapped["grads_left"] == 0
+
+
 def test_fsdp_layerwise_holds_one_gradient_shard_at_a_time(record):
     """Sampled in a hook of every parameter of an 8-layer model: without layer-wise mode
     every layer's gradient shard is alive at the end of backward; with it, at most one

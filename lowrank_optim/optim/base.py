@@ -196,6 +196,8 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         self._positions: dict[int, tuple[int, int]] | None = None
         self._init_layerwise_runtime()
         self._plans: list | None = None  # per group: (configuration, projector), see _projector
+        # The parameters the groups held when last checked (see _follow_swapped_params).
+        self._param_ids = self._current_param_ids() if hasattr(self, "param_groups") else ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Each method declares its hyperparameters once, as data (``method_defaults``);
@@ -232,6 +234,31 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
             raise
         if self.layerwise:
             self._register_layerwise_hooks(group)
+        self._param_ids = self._current_param_ids()
+
+    def _current_param_ids(self) -> tuple[int, ...]:
+        return tuple(id(p) for group in self.param_groups for p in group["params"])
+
+    def _follow_swapped_params(self) -> None:
+        """Catch up with parameters replaced behind the optimizer's back: accelerate's FSDP2
+        ``prepare`` swaps each for its sharded version in the param groups
+        (``fsdp2_switch_optimizer_parameters``).  The new ones are validated as at
+        construction (a method that is not shard-aware refuses them), the caches keyed by
+        parameter are dropped, and in layer-wise mode the hooks move to them (until then
+        their gradients reach no hook, and this step takes them the regular way)."""
+        ids = self._current_param_ids()
+        if ids == self._param_ids:
+            return
+        for index, group in enumerate(self.param_groups):
+            self._validate_group(group, index)
+        self._param_ids = ids
+        self._positions = self._plans = None
+        if self.layerwise:
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks.clear()
+            for group in self.param_groups:
+                self._register_layerwise_hooks(group)
 
     #: Whether the update uses back(N) at all: APOLLO's scales the raw gradient instead, so
     #: its :meth:`factored_update` returns no N' and :meth:`full_rank_direction` gets None.
@@ -292,6 +319,7 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._follow_swapped_params()
         if self.layerwise and getattr(self, "grad_scale", None) is not None and self._grad_scaler is None:
             # torch.amp.GradScaler.step() sets grad_scale before calling us: the hooks have
             # just stepped on scaled gradients and it would find no inf checks to act on.
