@@ -145,8 +145,9 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
     the moment rule alone (every method's dense groups take the bulk path, which calls no
     hook), so a hook must leave a dense group's parameters as they are.
 
-    Layer-wise mode (``layerwise=True``) steps each parameter from a
-    ``register_post_accumulate_grad_hook`` as soon as its gradient is complete and then
+    Layer-wise mode (``layerwise=True``; :class:`~lowrank_optim.optim.layerwise.
+    LayerwiseMixin`) steps each parameter as soon as its gradient is final (accumulated;
+    under DDP all-reduced, see :meth:`attach_ddp`; under FSDP2 reduce-scattered) and then
     frees the gradient, so full-rank gradients never coexist in memory.  It honours
     ``accumulation_steps`` (backward passes are counted by the optimizer, not per
     parameter: on the window's last backward each parameter steps as its gradient
