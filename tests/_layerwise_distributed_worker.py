@@ -138,6 +138,43 @@ def swapped_like_accelerate(name: str, rank: int, world: int) -> dict:
             "grads_left": sum(p.grad is not None for p in model.parameters())}
 
 
+class Branchy(nn.Module):
+    """``b`` runs only when told: unused by every rank, or by one rank only, on some steps."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x, use_b: bool):
+        h = torch.tanh(self.a(x))
+        return self.head(torch.tanh(self.b(h)) if use_b else h)
+
+
+def unused_parameters(rank: int, world: int) -> dict:
+    """DDP(find_unused_parameters=True): a parameter no rank used gets no step (as in the
+    regular step, where DDP leaves its .grad None), one that only some ranks used steps on
+    the average."""
+    out = {}
+    for layerwise in (False, True):
+        model = Branchy()
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        groups = [{"params": [model.a.weight, model.b.weight], "rank": 2, "update_proj_gap": 4},
+                  {"params": [model.a.bias, model.b.bias, *model.head.parameters()]}]
+        optimizer = lo.GaLoreAdamW(groups, lr=1e-2, layerwise=layerwise)
+        if layerwise:
+            optimizer.attach_ddp(ddp)
+        for step in range(9):
+            use_b = step % 3 == 2 or (step % 3 == 1 and rank == 0)  # 0: nobody, 1: rank 0 only
+            x, y = micro_batch(step, 0, rank, world)
+            nn.functional.mse_loss(ddp(x, use_b), y).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        out[layerwise] = {"params": {k: v.detach().clone() for k, v in model.named_parameters()},
+                          "b_steps": int(optimizer.state[model.b.weight]["step"])}
+    return out
+
+
 # ----------------------------------------------------------------------------- memory
 LAYERS = 8
 WIDTH = 32
@@ -213,6 +250,7 @@ def checks(rank: int, world: int, out_dir: str) -> dict:
     return {
         "equivalence": equivalence(rank, world),
         "swapped": swapped_like_accelerate("galore_svd", rank, world),
+        "unused": unused_parameters(rank, world),
         "memory": {lw: memory_profile(lw) for lw in (False, True)},
         "dcp": checkpoints(rank, world, out_dir),
         "errors": refusals(rank, world),

@@ -51,6 +51,12 @@ def test_parameters_swapped_in_by_accelerate_get_the_hooks(record):
     assert swapped["stepped_in_backward"] == len(regular) and swapped["grads_left"] == 0
 
 
+def test_ddp_find_unused_parameters_skips_what_no_rank_used(record):
+    regular, layerwise = record["unused"][False], record["unused"][True]
+    assert max_difference(layerwise["params"], regular["params"]) < 1e-5
+    assert regular["b_steps"] == layerwise["b_steps"] == 6  # not on the 3 steps nobody used it
+
+
 def test_fsdp_layerwise_holds_one_gradient_shard_at_a_time(record):
     """Sampled in a hook of every parameter of an 8-layer model: without layer-wise mode
     every layer's gradient shard is alive at the end of backward; with it, at most one

@@ -55,6 +55,7 @@ class LayerwiseMixin:
         self._end_window: Callable[[], bool] | None = None  # see end_window_when
         self._grad_scaler = None
         self._ddp_params: set[int] = set()  # ids of parameters stepped from DDP's comm hook
+        self._used_locally: set[int] = set()  # of those, the ones this rank's backward reached
         self._ddp_search = None  # attach_ddp(None): the global forward pre-hook looking for the model
         self._reduced: dict[int, torch.Tensor] = {}  # DDP: averaged gradients of the window so far
 
@@ -68,6 +69,7 @@ class LayerwiseMixin:
     def _layerwise_hook(self, p: torch.Tensor) -> None:
         self._hooked = True
         if id(p) in self._ddp_params:
+            self._used_locally.add(id(p))
             return  # this rank's gradient only: the DDP comm hook steps it once averaged
         if not distributed.is_dtensor(p) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise RuntimeError(
@@ -202,7 +204,7 @@ class LayerwiseMixin:
 
             comm_hook, comm_state = default_hooks.allreduce_hook, model.process_group
         self._ddp_params = {id(p) for group in self.param_groups for p in group["params"] if p.requires_grad}
-        model.register_comm_hook(comm_state, _StepAfterReduce(self, comm_hook))
+        model.register_comm_hook(comm_state, _StepAfterReduce(self, comm_hook, model))
         # DDP would otherwise copy the averaged bucket back into .grad after the backward,
         # re-creating every gradient this mode has just freed (torch's optimizer-in-backward
         # sets the same flag).
@@ -295,8 +297,13 @@ class _StepAfterReduce:
     wait only orders the step after the reduction on the current stream.
     """
 
-    def __init__(self, optimizer: LayerwiseMixin, reduce: Callable):
+    def __init__(self, optimizer: LayerwiseMixin, reduce: Callable, model: torch.nn.Module):
         self.optimizer, self.reduce = optimizer, reduce
+        # With find_unused_parameters DDP reduces zeros for a parameter no rank used and then
+        # leaves its .grad alone, so a regular step skips it; the bucket cannot tell those
+        # zeros from a gradient, so the ranks first agree on who used which parameter.
+        self.find_unused = model.find_unused_parameters
+        self.process_group = model.process_group
         # DDP logs the hook by name.
         self.__name__ = self.__qualname__ = f"step_after_{getattr(reduce, '__name__', 'reduce')}"
 
@@ -309,10 +316,22 @@ class _StepAfterReduce:
         if reduced.data_ptr() != buffer.data_ptr():  # e.g. a compressing hook: a new tensor
             buffer.copy_(reduced)
         optimizer = self.optimizer
+        params = bucket.parameters()
+        used = [True] * len(params)
+        if self.find_unused:
+            counts = torch.tensor([id(p) in optimizer._used_locally for p in params], dtype=torch.int32,
+                                  device=buffer.device)
+            dist.all_reduce(counts, group=self.process_group)
+            used = counts.tolist()
         with torch.no_grad():
-            for p, grad in zip(bucket.parameters(), bucket.gradients()):
-                if id(p) in optimizer._ddp_params:
+            for p, grad, anyone in zip(params, bucket.gradients(), used):
+                optimizer._used_locally.discard(id(p))
+                if id(p) not in optimizer._ddp_params:
+                    continue
+                if anyone:
                     optimizer._gradient_ready(p, reduced=grad)
+                else:
+                    p.grad = None  # no rank used it: no gradient, as DDP leaves it
         done: torch.futures.Future = torch.futures.Future()
         done.set_result(buffer)
         return done
