@@ -55,6 +55,20 @@ def available_optimizers() -> list[str]:
     return sorted(OPTIMIZERS)
 
 
+def name_aliases() -> dict[str, str]:
+    """Other spellings of our names: transformers writes its 8-bit optimizers ``..._8bit``
+    (``galore_adamw_8bit``), this package ``...8bit``; both are accepted everywhere."""
+    return {name[: -len("8bit")] + "_8bit": name for name in OPTIMIZERS if name.endswith("8bit")}
+
+
+def canonical_name(name: str) -> str | None:
+    """The :func:`available_optimizers` name that ``name`` spells (case, the ``lowrank_``
+    prefix and the ``_8bit`` alias aside), or None."""
+    key = str(name).lower().removeprefix("lowrank_")
+    key = name_aliases().get(key, key)
+    return key if key in OPTIMIZERS else None
+
+
 def create_optimizer(
     name: str,
     model_or_params: nn.Module | Iterable[torch.Tensor] | Iterable[dict],
@@ -68,8 +82,8 @@ def create_optimizer(
     Other keywords are the optimizer's hyperparameters; an unknown one is an error that
     lists the valid ones.
     """
-    key = name.lower().removeprefix("lowrank_")
-    if key not in OPTIMIZERS:
+    key = canonical_name(name)
+    if key is None:
         raise ValueError(f"create_optimizer: unknown optimizer {name!r}; available: {', '.join(available_optimizers())}")
     cls = OPTIMIZERS[key]
     accepted = list(cls.hyperparameter_defaults())

@@ -86,7 +86,9 @@ def test_save_and_resume_equals_uninterrupted(tmp_path, optim):
 def test_every_optimizer_name_builds_and_steps(tmp_path):
     """Every optimizer under its name and its layer-wise name (a factory, as the Trainer
     calls it): one step moves the weights."""
-    assert len(NAMES) == 2 * len(lo.available_optimizers())
+    from lowrank_optim.factory import name_aliases
+
+    assert len(NAMES) == 2 * (len(lo.available_optimizers()) + len(name_aliases()))
     batch = TokenData(n=2)[0]
     for name in NAMES:
         model = tiny_model()
@@ -334,3 +336,53 @@ def test_layerwise_trainer_under_ddp_equals_the_regular_one(tmp_path):
     for key, value in regular["params"].items():
         torch.testing.assert_close(layerwise["params"][key], value, rtol=0, atol=1e-6, msg=key)
     assert any(not torch.equal(v, start[k]) for k, v in regular["params"].items())
+
+
+# --------------------------------------------------------------------------- one string
+STOCK_SCRIPT = '''
+from transformers import HfArgumentParser, TrainingArguments
+(args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses()
+print("optim:", args.optim.value if hasattr(args.optim, "value") else args.optim)
+'''
+
+
+def test_launcher_runs_an_unmodified_script_with_our_names(tmp_path):
+    """A stock script (no register() call) gets --optim lowrank_* through the launcher,
+    transformers' 8-bit spelling and the layer-wise names included."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(STOCK_SCRIPT)
+    for optim in ("lowrank_galore_adamw", "lowrank_galore_adamw_8bit", "lowrank_fira_adamw_layerwise"):
+        command = [sys.executable, "-m", "lowrank_optim.hf", str(script), "--output_dir", str(tmp_path / "o"),
+                   "--optim", optim, "--use_cpu", "true", "--report_to", "none"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"optim: {optim}" in done.stdout
+    # without the launcher the same script fails in transformers' own check
+    plain = subprocess.run([sys.executable, str(script), "--output_dir", str(tmp_path / "o"), "--optim",
+                            "lowrank_galore_adamw", "--use_cpu", "true"], capture_output=True, text=True, timeout=120)
+    assert plain.returncode != 0
+
+
+def test_transformers_8bit_spelling_is_the_same_optimizer():
+    from lowrank_optim.factory import canonical_name
+
+    assert canonical_name("lowrank_galore_adamw_8bit") == canonical_name("galore_adamw8bit") == "galore_adamw8bit"
+    assert canonical_name("GaLore_AdamW") == "galore_adamw" and canonical_name("adamw") is None
+    assert "lowrank_galore_adamw_8bit" in NAMES and "lowrank_qgalore_adamw_8bit_layerwise" in NAMES
+    model = tiny_model()
+    opt = lo.create_optimizer("lowrank_galore_adamw_8bit", model, target_modules=("attn",), rank=4)
+    assert type(opt) is lo.GaLoreAdamW8bit
+
+
+def test_factory_route_needs_the_training_arguments_or_an_explicit_lr(tmp_path):
+    with pytest.raises(ValueError, match=r"needs args=training_args .* or an explicit lr="):
+        integ.optimizer_cls_and_kwargs("galore_adamw", rank=4)
+    _, kwargs = integ.optimizer_cls_and_kwargs("galore_adamw", rank=4, lr=3e-3)
+    assert kwargs["hyperparameters"]["lr"] == 3e-3
+    args = training_args(tmp_path, learning_rate=7e-3, weight_decay=0.2)
+    factory, kwargs = integ.optimizer_cls_and_kwargs("galore_adamw", args=args, rank=4)
+    opt = factory()(tiny_model(), **kwargs)
+    assert opt.param_groups[0]["lr"] == 7e-3 and opt.param_groups[0]["weight_decay"] == 0.2

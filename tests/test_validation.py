@@ -64,6 +64,13 @@ BAD_INPUTS = [
         lambda: lo.GaLoreAdamW(lo.param_groups(torch.nn.ModuleDict({"attn": torch.nn.Linear(4, 3)}), rank=5)),
         r"parameter attn.weight \(shape \(3, 4\)\)",
     ),
+    # torch.optim's keywords: the values we implement are accepted, others refused with the reason
+    ("tensor lr", lambda: lo.GaLoreAdamW(mats(), lr=torch.tensor(1e-3)), r"invalid lr=tensor\(0.0010\) .* \(not a Tensor\)"),
+    ("fused", lambda: lo.FiraAdamW(mats(), fused=True), r"FiraAdamW: fused=True is not supported: there is no fused kernel"),
+    ("maximize", lambda: lo.GaLoreAdamW(mats(), maximize=True), r"maximize=True is not supported: .*negated objective"),
+    ("capturable", lambda: lo.DCTAdamW(mats(), capturable=True), r"DCTAdamW: capturable=True .* CUDA graph"),
+    ("differentiable", lambda: lo.GaLoreAdamW(mats(), differentiable=True), r"differentiable=True is not supported: the step runs under torch.no_grad"),
+    ("amsgrad", lambda: lo.ApolloAdamW(mats(), amsgrad=True), r"ApolloAdamW: amsgrad=True is not supported"),
     ("zero accumulation", lambda: lo.GaLoreAdamW(mats(), layerwise=True, accumulation_steps=0), r"accumulation_steps=0"),
     ("negative clip", lambda: lo.GaLoreAdamW(mats(), layerwise=True, max_grad_norm=-1.0), r"max_grad_norm=-1.0"),
     ("8bit min size", lambda: lo.GaLoreAdamW8bit(mats(), min_8bit_size=0), r"GaLoreAdamW8bit: invalid min_8bit_size=0"),
@@ -205,3 +212,14 @@ def test_adafactor_relative_step_works_with_an_lr_scheduler():
         runs[factor] = [1 - p.detach() for p in params]
     for full, half in zip(runs[1.0], runs[0.5]):
         torch.testing.assert_close(half, full * 0.5)
+
+
+@pytest.mark.parametrize("name", lo.available_optimizers())
+def test_torch_optim_keywords_at_their_default_are_accepted_as_torch_takes_them(name):
+    """Code written for torch.optim.AdamW passes maximize=False, foreach=None, fused=None...:
+    the values this package implements anyway are accepted and change nothing."""
+    cls = lo.optim.OPTIMIZERS[name]
+    torch_style = dict(maximize=False, foreach=None, fused=None, capturable=False, differentiable=False, amsgrad=False)
+    a = cls([{"params": mats(), "rank": 2}], **torch_style)
+    b = cls([{"params": mats(), "rank": 2}])
+    assert a.defaults == b.defaults

@@ -61,7 +61,7 @@ from typing import Any, Iterable
 from torch import nn
 
 from ..distributed import is_dtensor
-from ..factory import available_optimizers
+from ..factory import available_optimizers, canonical_name, name_aliases
 from ..optim import OPTIMIZERS, LowRankOptimizer
 from ..quant import Int8Linear
 
@@ -92,8 +92,8 @@ _registered: set[str] = set()
 
 # --------------------------------------------------------------------------- optim_args
 def _optimizer_class(name: str) -> type[LowRankOptimizer]:
-    key = str(name).lower().removeprefix(PREFIX).removesuffix(LAYERWISE_SUFFIX)
-    if key not in OPTIMIZERS:
+    key = canonical_name(str(name).lower().removesuffix(LAYERWISE_SUFFIX))
+    if key is None:
         raise ValueError(f"unknown lowrank_optim optimizer {name!r}; available: {', '.join(available_optimizers())}")
     return OPTIMIZERS[key]
 
@@ -400,7 +400,9 @@ def _add_member(enum_cls, member_name: str, value: str):
 
 def register() -> list[str]:
     """Make ``TrainingArguments(optim="lowrank_<name>")`` work for every name in
-    :func:`lowrank_optim.available_optimizers`; returns the ``optim`` names.
+    :func:`lowrank_optim.available_optimizers`, with its ``_layerwise`` variant and, for the
+    8-bit ones, transformers' spelling (``lowrank_galore_adamw_8bit``); returns the names.
+    A script that does not call it runs unchanged under ``python -m lowrank_optim.hf``.
 
     Call it before ``TrainingArguments`` or ``HfArgumentParser`` is built (the parser reads
     the choices when it is constructed).  Idempotent and process-local, so every torchrun
@@ -409,9 +411,10 @@ def register() -> list[str]:
     """
     enum_cls, handlers = _check_transformers()
     names = []
-    for name in available_optimizers():
+    spellings = [(name, name) for name in available_optimizers()] + sorted(name_aliases().items())
+    for spelling, name in spellings:
         for layerwise in (False, True):
-            value = PREFIX + name + (LAYERWISE_SUFFIX if layerwise else "")
+            value = PREFIX + spelling + (LAYERWISE_SUFFIX if layerwise else "")
             member = _add_member(enum_cls, value.upper(), value)
             # Only our own keys: never replace a built-in handler.
             if value not in _registered or member not in handlers:
@@ -462,10 +465,10 @@ def optimizer_cls_and_kwargs(
     """``(factory, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``; no patching needed.
 
     ``name``: one of :func:`lowrank_optim.available_optimizers` (``lowrank_`` prefix allowed).
-    ``target_modules``: as ``optim_target_modules``.  ``args``: a ``TrainingArguments`` whose
-    ``learning_rate``, ``weight_decay``, ``adam_beta1/2`` and ``adam_epsilon`` to use (the
-    Trainer does not hand them to this route; without ``args`` the optimizer's defaults
-    apply).  Other keywords are the optimizer's hyperparameters (``rank`` is required),
+    ``target_modules``: as ``optim_target_modules``.  ``args``: the ``TrainingArguments``
+    whose ``learning_rate``, ``weight_decay``, ``adam_beta1/2`` and ``adam_epsilon`` to use
+    (the Trainer does not hand them to this route); without ``args``, ``lr`` is required
+    and the optimizer's defaults apply to the rest.  Other keywords are the optimizer's hyperparameters (``rank`` is required),
     checked now: an unknown one is a ValueError listing the valid ones.  Biases and norms
     get no weight decay.  A ``..._layerwise`` name builds the layer-wise optimizer, clipped
     per parameter by ``args.max_grad_norm`` (module docstring).
@@ -479,6 +482,14 @@ def optimizer_cls_and_kwargs(
         raise ValueError(f"{cls.__name__} has no option(s) {unknown}; valid ones are: {', '.join(valid)}")
     if hyperparameters.get("rank") is None and hyperparameters.get("density") is None:
         raise ValueError(f"{cls.__name__}: optimizer_cls_and_kwargs needs rank=... (or density=...)")
+    if args is None and "lr" not in hyperparameters:
+        # The Trainer does not hand its arguments to this route: without them its
+        # learning_rate would be silently replaced by the optimizer's default.
+        raise ValueError(
+            f"{cls.__name__}: optimizer_cls_and_kwargs needs args=training_args (its learning_rate, weight_decay, "
+            "adam_beta1/2 and adam_epsilon then apply) or an explicit lr=... (the optimizer's defaults then apply "
+            "to the rest)"
+        )
     base = {}
     if args is not None:
         base = {**_from_training_args(cls, args), "weight_decay": float(args.weight_decay)}

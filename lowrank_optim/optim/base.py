@@ -52,7 +52,10 @@ from .rules import Adam, MomentRule, Update
 
 #: Hyperparameters every LowRankOptimizer group carries, with their checks.
 COMMON_CHECKS: dict[str, V.Check] = {
-    "lr": V.nonneg_float(),
+    # A float: torch also takes a Tensor lr (for compiled fused steps), but this step
+    # computes with the learning rate on the host, where a Tensor would mean a sync.
+    "lr": V.Check(lambda x: not isinstance(x, torch.Tensor) and V.nonneg_float()(x),
+                  "a finite float >= 0 (not a Tensor)"),
     "weight_decay": V.nonneg_float(),
     "rank": V.int_at_least(1, optional=True),
     "density": V.Check(lambda x: 0 < x <= 1, "a fraction in (0, 1]", optional=True),
@@ -92,6 +95,19 @@ BOOKKEEPING_KEYS = ("params", "param_names", "initial_lr", CLOCK)
 
 #: The top-level key of ``state_dict()`` naming the class that saved it.
 SAVED_BY = "saved_by"
+
+#: torch.optim's keywords that this package does not offer as options: the values it
+#: implements anyway are accepted (so code written for torch.optim.AdamW runs), any other
+#: is refused with the reason.  ``foreach`` is a real option (LOOP_DEFAULTS).
+TORCH_OPTIM_KEYWORDS: dict[str, tuple[tuple, str]] = {
+    "fused": ((None, False), "there is no fused kernel for a low-rank step; foreach=None (the default) already "
+              "steps each group with foreach kernels, the fastest path here"),
+    "maximize": ((False,), "not implemented; minimise the negated objective instead (the same updates)"),
+    "capturable": ((False,), "the step cannot be captured in a CUDA graph: a refresh computes a basis and checks "
+                   "it on the host every update_proj_gap steps"),
+    "differentiable": ((False,), "the step runs under torch.no_grad (refreshes are not differentiated through)"),
+    "amsgrad": ((False,), "not implemented for the moments of projected gradients"),
+}
 
 #: Options of the optimizer as a whole (layer-wise mode), not of a group.
 #: ``foreach``: None or True steps the parameters of a group together where the method
@@ -177,8 +193,13 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
     def __init__(self, params: Iterable, **hyperparameters: Any):
         owner = type(self).__name__
         known = self.hyperparameter_defaults()
-        for key in hyperparameters:
-            if key not in known:
+        for key in list(hyperparameters):
+            if key in TORCH_OPTIM_KEYWORDS and key not in known:
+                honoured, reason = TORCH_OPTIM_KEYWORDS[key]
+                if hyperparameters[key] not in honoured:
+                    raise ValueError(f"{owner}: {key}={hyperparameters[key]!r} is not supported: {reason}")
+                del hyperparameters[key]  # the value this optimizer implements anyway
+            elif key not in known:
                 raise TypeError(f"{owner} got an unexpected keyword argument {key!r}; valid ones are: {', '.join(known)}")
         values = {**known, **hyperparameters}
         V.check_values(owner, values, {**LOOP_CHECKS, **self.checks()}, "the constructor")
