@@ -188,7 +188,7 @@ def test_optim_args_errors(tmp_path):
     with pytest.raises(ValueError, match="needs rank"):
         Trainer.get_optimizer_cls_and_kwargs(args, tiny_model())
     args = training_args(tmp_path, optim="lowrank_galore_adamw", optim_args="rank=4", optim_target_modules=["nope"])
-    with pytest.raises(ValueError, match="no nn.Linear module matches"):
+    with pytest.raises(ValueError, match=r"no nn.Linear \(or Conv1D\) module matches"):
         Trainer.get_optimizer_cls_and_kwargs(args, tiny_model())
 
 

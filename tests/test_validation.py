@@ -55,9 +55,9 @@ BAD_INPUTS = [
         r"parameter #0 \(shape \(64,\)\) in param group 0 cannot be projected: a 1-D tensor",
     ),
     (
-        "3-D tensor in projected group",
-        lambda: lo.GaLoreAdamW([{"params": [torch.nn.Parameter(torch.randn(4, 4, 4))], "rank": 2}]),
-        r"a 3-D tensor cannot be projected",
+        "4-D tensor in projected group",  # a 3-D one is a stack of matrices (fused experts)
+        lambda: lo.GaLoreAdamW([{"params": [torch.nn.Parameter(torch.randn(4, 4, 4, 4))], "rank": 2}]),
+        r"a 4-D tensor cannot be projected",
     ),
     (
         "named parameter in message",
@@ -111,7 +111,7 @@ BAD_INPUTS = [
     (
         "param_groups no match",
         lambda: lo.param_groups(torch.nn.Linear(3, 3), target_modules=("attn",), rank=2),
-        r"no nn.Linear module name contains",
+        r"no nn.Linear \(or Conv1D\) module name contains",
     ),
 ]
 

@@ -61,7 +61,7 @@ from typing import Any, Iterable
 from torch import nn
 
 from ..distributed import is_dtensor
-from ..factory import available_optimizers, canonical_name, name_aliases
+from ..factory import announce, available_optimizers, canonical_name, name_aliases, projectable_weights
 from ..optim import OPTIMIZERS, LowRankOptimizer
 from ..quant import Int8Linear
 
@@ -225,8 +225,9 @@ def trainer_param_groups(
     for module_name, module in model.named_modules():
         if isinstance(module, Int8Linear):  # integer codes cannot require grad, yet are trained
             int8_ids.add(id(module.weight))
-        if isinstance(module, nn.Linear) and module.weight.dim() == 2 and _matches(target_modules, module_name):
-            low_ids.add(id(module.weight))
+        # nn.Linear, GPT-2's Conv1D, the stacked matrices of fused experts
+        if _matches(target_modules, module_name):
+            low_ids.update(id(w) for w in projectable_weights(module))
     buckets: dict[tuple[bool, bool], tuple[list, list]] = {}
     for name, p in model.named_parameters():  # tied weights appear once
         if not p.requires_grad and id(p) not in int8_ids:
@@ -236,7 +237,7 @@ def trainer_param_groups(
         buckets[(id(p) in low_ids, name in decay)][1].append(p)
     if not any(projected for projected, _ in buckets):
         raise ValueError(
-            f"{owner}: no nn.Linear module matches optim_target_modules={target_modules!r}; "
+            f"{owner}: no nn.Linear (or Conv1D) module matches optim_target_modules={target_modules!r}; "
             "check the names with [n for n, _ in model.named_modules()]"
         )
     groups = []
@@ -289,6 +290,7 @@ def _build_kwargs(name: str, model: nn.Module, target_modules, base: dict[str, A
     weight_decay = kw.pop("weight_decay", None)
     low, rest = _split(cls, kw)
     groups = trainer_param_groups(model, target_modules, weight_decay, low, owner)
+    announce(groups)
     return cls, groups, rest
 
 

@@ -331,6 +331,14 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
                 "cannot be projected: it is complex, and a low-rank basis of a complex gradient is not "
                 "implemented; put it in a group without rank (dense groups step complex parameters as torch.optim.AdamW)"
             )
+        if is_matrix_stack(p, projector):
+            if distributed.is_dtensor(p):
+                return (
+                    "cannot be projected: a sharded stack of matrices (fused expert weights) is not supported; "
+                    "put it in a group without rank"
+                )
+            # Fused expert weights (E x m x n): each of the E matrices is projected on its own.
+            return _prefixed("cannot be projected: each of its matrices: ", projector.validate_shape(p.shape[1:]))
         return _prefixed("cannot be projected: ", projector.validate_shape(p.shape))
 
     # ------------------------------------------------------------------ the step
@@ -403,7 +411,7 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         one steps on its rows, per parameter) in a dense group (every method's dense groups
         are its moment rule, hooks unused) or a projected group of a template class; an INT8
         weight keeps its own gradient and storage hooks."""
-        if self.foreach is False or distributed.is_dtensor(p) or is_int8_weight(p):
+        if self.foreach is False or distributed.is_dtensor(p) or is_int8_weight(p) or is_matrix_stack(p, projector):
             return False
         return projector is None or self._template_projection()
 
@@ -466,6 +474,9 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         already computed it together with other parameters'."""
         state = self.state[p]
         p, grad = self._as_stepped(p)
+        if is_matrix_stack(p, projector):
+            self._step_stack(p, grad, state, group, projector)
+            return
         # A sharded (FSDP2) parameter steps on this rank's rows; see lowrank_optim.distributed.
         with distributed.local_step(p, grad, state) as local:
             self._init_state(p, state, group, projector, local.layout)
@@ -481,15 +492,28 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
             return torch.view_as_real(p), torch.view_as_real(grad)
         return p, grad
 
-    def _init_state(self, p, state: dict, group: dict, projector: Projector | None, layout) -> None:
+    def _init_state(
+        self, p, state: dict, group: dict, projector: Projector | None, layout, matrix: int | None = None
+    ) -> None:
+        """Fresh state for ``p``, or for its ``matrix``-th matrix when ``p`` is a stack."""
         if "step" not in state:
             distributed.check_method(self, layout)
             state["step"] = 0
             if projector is not None:
-                seed, slot = self._param_seed(p, group), self._group_slot(p, group)
+                seed, slot, shape = self._param_seed(p, group), self._group_slot(p, group), p.shape
+                if matrix is not None:  # a matrix of a stack: its own seed, so its own random basis
+                    seed, shape = seed + (matrix + 1) * STACK_SEED_STRIDE, p.shape[1:]
                 state["projector"] = distributed.init_projector_state(
-                    type(self).__name__, projector, p.shape, seed, slot, layout
+                    type(self).__name__, projector, shape, seed, slot, layout
                 )
+
+    def _step_stack(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, projector: Projector) -> None:
+        """Fused expert weights (E x m x n): each matrix steps as a parameter of its own, with
+        its own basis and moments, in ``state["matrices"]`` (a list of E ordinary states)."""
+        matrices = state.setdefault("matrices", [{} for _ in range(p.shape[0])])
+        for index, (sub, matrix, matrix_grad) in enumerate(zip(matrices, p, grad)):
+            self._init_state(p, sub, group, projector, None, matrix=index)
+            self._step_local(distributed.LocalStep(matrix, matrix_grad, None), sub, group, projector, None)
 
     def _batched_bases(self, params: list, group: dict, projector: Projector | None) -> dict[int, dict]:
         """New bases of every parameter of ``group`` due for a refresh this step, computed
@@ -510,7 +534,7 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
             return {}
         due, grads, pstates = [], [], []
         for p in params:
-            if distributed.is_dtensor(p):
+            if distributed.is_dtensor(p) or is_matrix_stack(p, projector):
                 continue
             state = self.state[p]
             self._init_state(p, state, group, projector, None)
@@ -855,8 +879,24 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
     def _state_mismatch(self, p: torch.Tensor, pstate: dict, group: dict) -> str | None:
         """Why ``pstate`` (a checkpoint's) cannot be ``p``'s state in ``group``, or None."""
         projector = make_projector(group)
-        saved_projector = pstate.get("projector")
         shape = tuple(torch.view_as_real(p).shape) if p.is_complex() else tuple(p.shape)
+        if not is_matrix_stack(p, projector):
+            if "matrices" in pstate:
+                return "it holds one state per matrix of a stack, but the parameter is not a projected stack"
+            return self._matrix_state_mismatch(shape, pstate, projector)
+        matrices = pstate.get("matrices")
+        if matrices is None:
+            return "it holds no state per matrix, but the parameter is a projected stack" if pstate else None
+        if len(matrices) != shape[0]:
+            return f"it holds the state of {len(matrices)} matrices, the stack has {shape[0]}"
+        for index, sub in enumerate(matrices):
+            reason = self._matrix_state_mismatch(shape[1:], sub, projector)
+            if reason:
+                return f"matrix {index}: {reason}"
+        return None
+
+    def _matrix_state_mismatch(self, shape: tuple, pstate: dict, projector: Projector | None) -> str | None:
+        saved_projector = pstate.get("projector")
         if projector is None:
             if saved_projector is not None:
                 return "it holds a projector's state but the group is not projected"
@@ -882,8 +922,13 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
 
     def _adopt_state(self, p: torch.Tensor, pstate: dict, group: dict) -> dict:
         """A checkpoint's state of ``p`` on its device, in the dtypes the method gives it."""
-        param_dtype = torch.view_as_real(p).dtype if p.is_complex() else p.dtype
         projector = make_projector(group)
+        if is_matrix_stack(p, projector):
+            return {"matrices": [self._adopt_matrix_state(p, sub, projector) for sub in pstate["matrices"]]}
+        return self._adopt_matrix_state(p, pstate, projector)
+
+    def _adopt_matrix_state(self, p: torch.Tensor, pstate: dict, projector: Projector | None) -> dict:
+        param_dtype = torch.view_as_real(p).dtype if p.is_complex() else p.dtype
         low_dtype = torch.float32 if projector is not None and param_dtype == torch.float16 else param_dtype
         adopted = {}
         for key, value in self.upgrade_state(dict(pstate)).items():
@@ -894,6 +939,16 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
                 value = _moved(value, p, low_dtype if follows else None)
             adopted[key] = value
         return adopted
+
+#: Seeds of the matrices of a stack (fused experts): the stack's seed plus multiples of this,
+#: far from the seeds of other parameters (which differ by their position, 1 per parameter).
+STACK_SEED_STRIDE = 1_000_000_007
+
+
+def is_matrix_stack(p: torch.Tensor, projector: Projector | None) -> bool:
+    """Whether ``p`` is a stack of matrices (E x m x n: fused expert weights) in a projected
+    group, each of whose matrices is projected on its own."""
+    return projector is not None and p.dim() == 3
 
 
 #: Parameter entries per chunk of the bulk path (2^22: 16 MiB of fp32 weights): beyond it a
