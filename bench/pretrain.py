@@ -35,9 +35,7 @@ sources, read in sorted order, which makes a run reproducible on a given Python 
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
-import inspect
 import json
 import math
 import os
@@ -55,6 +53,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lowrank_optim
 from lowrank_optim import _validate as V
+from lowrank_optim import options
 from lowrank_optim.memory import state_bytes  # bytes the optimizer state keeps alive
 
 VOCAB_SIZE = 256  # one token per byte value (unless --tokenized)
@@ -242,69 +241,30 @@ def validation_batches(tokens: torch.Tensor, num_batches: int, batch_size: int, 
 
 
 # ---------------------------------------------------------------------------- training
-def hyperparameter_defaults(name: str) -> dict[str, Any]:
-    """The keywords optimizer ``name`` accepts, with their defaults (which give ``--opt-arg``
-    values their types)."""
-    if name == "adamw":
-        signature = inspect.signature(torch.optim.AdamW)
-        return {k: v.default for k, v in signature.parameters.items() if v.default is not inspect.Parameter.empty}
-    return lowrank_optim.optim.OPTIMIZERS[name].hyperparameter_defaults()
-
-
-def parse_value(text: str, default: Any) -> Any:
-    """``text`` as the type of ``default``: bools take true/false, numbers their type, anything
-    else (tuples, None defaults) a Python literal, or the string itself."""
-    if isinstance(default, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true or false, got {text!r}")
-        return text.lower() in ("true", "1")
-    if isinstance(default, int):
-        return int(text)
-    if isinstance(default, float):
-        return float(text)
-    if isinstance(default, str):
-        return text
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    if isinstance(default, tuple):  # betas=(0.9,0.95): the optimizer would fail far less clearly
-        if not isinstance(value, (tuple, list)) or len(value) != len(default):
-            raise ValueError(f"expected a tuple of {len(default)} like {default}, got {text!r}")
-        return tuple(value)
-    return value
-
-
 def parse_opt_args(specs: Sequence[str], optimizers: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``--opt-arg [OPTIMIZER:]KEY=VALUE[,KEY=VALUE...]`` flags into keywords per optimizer.
-    Without ``OPTIMIZER:`` the keys go to every optimizer in ``--optimizers``; a key an
-    optimizer does not take is an error listing the ones it does."""
+    """``--opt-arg [OPTIMIZER:]KEY=VALUE[,KEY=VALUE...]`` flags into keywords per optimizer,
+    in the package's one syntax (:mod:`lowrank_optim.options`, as the Trainer's
+    ``optim_args``: ``betas=0.9:0.95`` or ``betas=(0.9,0.95)``).  Without ``OPTIMIZER:`` the
+    keys go to every optimizer in ``--optimizers``; a key an optimizer does not take is an
+    error listing the ones it does."""
     per_optimizer: dict[str, dict[str, Any]] = {name: {} for name in optimizers}
     for spec in specs:
         target, _, assignments = spec.partition(":") if re.match(r"^\w+:", spec) else ("", "", spec)
+        if target:
+            target = options.canonical_name(target, peers=True) or target
         if target and target not in per_optimizer:
             raise ValueError(f"--opt-arg {spec!r}: {target!r} is not in --optimizers {list(optimizers)}")
-        # split on the commas that start a new KEY=, so that betas=(0.9,0.95) stays whole
-        for assignment in re.split(r",(?=\s*\w+\s*=)", assignments):
-            key, sep, text = (part.strip() for part in assignment.partition("="))
-            if not sep or not key:
-                raise ValueError(f"--opt-arg {spec!r}: expected KEY=VALUE, got {assignment!r}")
-            for name in [target] if target else optimizers:
-                defaults = hyperparameter_defaults(name)
-                if key not in defaults:
-                    raise ValueError(
-                        f"--opt-arg {spec!r}: {name} has no option {key!r}; valid ones are: {', '.join(defaults)}"
-                    )
-                try:
-                    per_optimizer[name][key] = parse_value(text, defaults[key])
-                except ValueError as error:
-                    raise ValueError(f"--opt-arg {spec!r}: bad value for {name} {key}: {error}") from None
+        for name in [target] if target else optimizers:
+            try:
+                per_optimizer[name].update(options.parse_options(name, assignments, owner=f"--opt-arg {spec!r}: {name}"))
+            except ValueError as error:
+                raise ValueError(str(error)) from None
     return per_optimizer
 
 
 def optimizer_kwargs(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """This script's flags as the optimizer's keywords, then ``--opt-arg`` on top."""
-    if name == "adamw":
+    if name in options.PEERS:
         kwargs = {"lr": args.lr, "weight_decay": args.weight_decay}
     else:
         kwargs = {
@@ -318,11 +278,13 @@ def optimizer_kwargs(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return {**kwargs, **args.opt_args.get(name, {})}
 
 
-def make_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, model: torch.nn.Module, args: argparse.Namespace, summary: bool = True
+) -> torch.optim.Optimizer:
     kwargs = optimizer_kwargs(name, args)
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), **kwargs)
-    return lowrank_optim.create_optimizer(name, model, target_modules=("attn", "mlp"), **kwargs)
+    if name in options.PEERS:
+        return options.build_peer(name, model.parameters(), **kwargs)
+    return lowrank_optim.create_optimizer(name, model, target_modules=("attn", "mlp"), summary=summary, **kwargs)
 
 
 def peak_lr(name: str, args: argparse.Namespace) -> float:
@@ -873,7 +835,7 @@ def optimizer_problem(args: argparse.Namespace) -> str | None:
         model = build_model(args.model, args.seq_len, args.vocab_size or VOCAB_SIZE).to(dtype=DTYPES[args.dtype])
     for name in args.optimizers:
         try:
-            make_optimizer(name, model, args)
+            make_optimizer(name, model, args, summary=False)  # a check, not the run: nothing to report
         except (ValueError, TypeError) as error:
             return f"{name}: {error}"
     return None
@@ -887,11 +849,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:  # re-parse so that explicit flags override the quick defaults
         parser.set_defaults(**QUICK_DEFAULTS)
         args = parser.parse_args(argv)
-    args.optimizers = [name.strip() for name in args.optimizers.split(",") if name.strip()]
-    known = {"adamw", *lowrank_optim.available_optimizers()}
-    unknown = [name for name in args.optimizers if name not in known]
-    if unknown or not args.optimizers:
-        parser.error(f"--optimizers: unknown {unknown or 'empty list'}; choose from {', '.join(sorted(known))}")
+    names = [name.strip() for name in args.optimizers.split(",") if name.strip()]
+    # The package's name table: ours (any case, lowrank_ prefix, transformers' _8bit spelling)
+    # and the peers the profiler knows too.
+    unknown = [name for name in names if options.canonical_name(name, peers=True) is None]
+    if unknown or not names:
+        known = sorted({*options.PEERS, *lowrank_optim.available_optimizers()})
+        parser.error(f"--optimizers: unknown {unknown or 'empty list'}; choose from {', '.join(known)}")
+    args.optimizers = [options.canonical_name(name, peers=True) for name in names]
     shape = MODEL_SHAPES[args.model]
     if args.seq_len is None:
         args.seq_len = shape.seq_len

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .optim import OPTIMIZERS, LowRankOptimizer
+from .options import canonical_name
 from .quant import Int8Linear
 
 
@@ -118,24 +119,11 @@ def available_optimizers() -> list[str]:
     return sorted(OPTIMIZERS)
 
 
-def name_aliases() -> dict[str, str]:
-    """Other spellings of our names: transformers writes its 8-bit optimizers ``..._8bit``
-    (``galore_adamw_8bit``), this package ``...8bit``; both are accepted everywhere."""
-    return {name[: -len("8bit")] + "_8bit": name for name in OPTIMIZERS if name.endswith("8bit")}
-
-
-def canonical_name(name: str) -> str | None:
-    """The :func:`available_optimizers` name that ``name`` spells (case, the ``lowrank_``
-    prefix and the ``_8bit`` alias aside), or None."""
-    key = str(name).lower().removeprefix("lowrank_")
-    key = name_aliases().get(key, key)
-    return key if key in OPTIMIZERS else None
-
-
 def create_optimizer(
     name: str,
     model_or_params: nn.Module | Iterable[torch.Tensor] | Iterable[dict],
     target_modules: Iterable[str] = ("attn", "mlp"),
+    summary: bool = True,
     **kwargs: Any,
 ) -> LowRankOptimizer:
     """Build an optimizer by name.
@@ -143,7 +131,7 @@ def create_optimizer(
     Given a model and a ``rank``, the projected groups come from :func:`param_groups`
     (``target_modules`` selects them); otherwise ``model_or_params`` is used as given.
     Other keywords are the optimizer's hyperparameters; an unknown one is an error that
-    lists the valid ones.
+    lists the valid ones.  ``summary``: print once what was projected (:func:`announce`).
     """
     key = canonical_name(name)
     if key is None:
@@ -163,7 +151,8 @@ def create_optimizer(
                 "target_modules; pass model.parameters() (or param groups) for a full-rank optimizer"
             )
         params = param_groups(model_or_params, target_modules, **size)
-        announce(params)
+        if summary:
+            announce(params)
     else:
         params = model_or_params
     return cls(params, **kwargs)

@@ -321,11 +321,23 @@ def test_opt_args_are_typed_and_bad_keys_list_the_valid_ones(pretrain, capsys):
     with pytest.raises(SystemExit):
         pretrain.main(SHORT + ["--opt-arg", "galore_adamw:rnk=3"])
     error = capsys.readouterr().err
-    assert "galore_adamw has no option 'rnk'" in error and "rank, density, update_proj_gap" in error
-    with pytest.raises(ValueError, match="expected a tuple"):
+    assert "galore_adamw: unknown option 'rnk'" in error and "rank, density, update_proj_gap" in error
+    with pytest.raises(ValueError, match="needs 2 values"):
         pretrain.parse_opt_args(["betas=0.9"], ["adamw"])
     with pytest.raises(ValueError, match="not in --optimizers"):
         pretrain.parse_opt_args(["fira_adamw:rank=3"], ["adamw"])
+    # the package's one syntax: the Trainer's tuple spelling works here too
+    assert pretrain.parse_opt_args(["betas=0.8:0.9"], ["adamw"]) == {"adamw": {"betas": (0.8, 0.9)}}
+
+
+def test_optimizer_names_are_the_package_table(pretrain):
+    """The profiler's peers and the Trainer's spellings are accepted, and canonicalised."""
+    args = pretrain.parse_args(SHORT + ["--optimizers", "AdamW,lowrank_galore_adamw,galore_adamw_8bit,adamw8bit,sgd"])
+    assert args.optimizers == ["adamw", "galore_adamw", "galore_adamw8bit", "adamw8bit", "sgd"]
+    model = pretrain.build_model("tiny")
+    assert type(pretrain.make_optimizer("adamw8bit", model, args)).__name__ == "AdamW8bit"
+    sgd = pretrain.make_optimizer("sgd", model, args)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
 
 
 def test_paper_shapes_include_7b(pretrain):

@@ -86,9 +86,9 @@ def test_save_and_resume_equals_uninterrupted(tmp_path, optim):
 def test_every_optimizer_name_builds_and_steps(tmp_path):
     """Every optimizer under its name and its layer-wise name (a factory, as the Trainer
     calls it): one step moves the weights."""
-    from lowrank_optim.factory import name_aliases
+    from lowrank_optim.options import aliases
 
-    assert len(NAMES) == 2 * (len(lo.available_optimizers()) + len(name_aliases()))
+    assert len(NAMES) == 2 * (len(lo.available_optimizers()) + len(aliases()))
     batch = TokenData(n=2)[0]
     for name in NAMES:
         model = tiny_model()
@@ -179,6 +179,8 @@ def test_optim_args_errors(tmp_path):
         integ.parse_optim_args("galore_adamw", "betas=0.9")
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         integ.parse_optim_args("galore_adamw", "accumulation_steps=2")
+    # the package's one syntax: a tuple may also be written as pretrain.py's --opt-arg takes it
+    assert integ.parse_optim_args("galore_adamw", "betas=(0.8,0.9),rank=3") == {"betas": (0.8, 0.9), "rank": 3}
     # Range checks are the optimizer's own, raised when the Trainer builds it.
     args = training_args(tmp_path, optim="lowrank_galore_adamw", optim_args="rank=-3")
     trainer = Trainer(model=tiny_model(), args=args, train_dataset=TokenData())
@@ -314,7 +316,7 @@ def test_layerwise_trainer_clips_per_parameter_and_refuses_fp16(tmp_path):
                            adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8)
     with pytest.raises(ValueError, match=r"lowrank_galore_adamw_layerwise: fp16=True is not supported"):
         integ.optimizer_cls_and_kwargs("lowrank_galore_adamw_layerwise", args=fp16, rank=4)
-    with pytest.raises(ValueError, match=r"'layerwise' is not available with the Trainer: name the layer-wise"):
+    with pytest.raises(ValueError, match=r"'layerwise' is not available here: with the Trainer, name the layer-wise"):
         integ.parse_optim_args("galore_adamw", "rank=4,layerwise=true")
 
 
@@ -367,7 +369,7 @@ def test_launcher_runs_an_unmodified_script_with_our_names(tmp_path):
 
 
 def test_transformers_8bit_spelling_is_the_same_optimizer():
-    from lowrank_optim.factory import canonical_name
+    from lowrank_optim.options import canonical_name
 
     assert canonical_name("lowrank_galore_adamw_8bit") == canonical_name("galore_adamw8bit") == "galore_adamw8bit"
     assert canonical_name("GaLore_AdamW") == "galore_adamw" and canonical_name("adamw") is None

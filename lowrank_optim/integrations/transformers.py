@@ -17,14 +17,13 @@ Two ways in:
        trainer = Trainer(model, args, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(
            "galore_adamw", args=args, target_modules=["attn", "mlp"], rank=64))
 
-``optim_args`` syntax: ``key=value`` pairs separated by commas. Each value is parsed to the
-type of that keyword's default in the optimizer's ``hyperparameter_defaults()``:
-ints, floats, booleans (``true/false/1/0/yes/no``), strings, ``none`` for None, tuples
-with ``:`` between the items (``betas=0.9:0.95``, Adafactor's ``eps=1e-30:1e-3``), and
-``projector_args`` as ``key:value`` items separated by ``;``
-(``projector_args=distribution:gaussian;oversample:4``).  An unknown key is a ValueError
-listing the valid ones; a value of the wrong type is a ValueError naming it; range checks
-are the optimizer's own (a ValueError when the Trainer builds it).
+``optim_args`` syntax: the package's one option syntax (:mod:`lowrank_optim.options`, shared
+with ``bench/pretrain.py --opt-arg`` and the memory profiler): ``key=value`` pairs separated
+by commas, each value parsed to the type of that keyword's default; tuples as
+``betas=0.9:0.95`` or ``betas=(0.9,0.95)``; ``projector_args=distribution:gaussian;oversample:4``.
+An unknown key is a ValueError listing the valid ones; a value of the wrong type is a
+ValueError naming it; range checks are the optimizer's own (a ValueError when the Trainer
+builds it).
 
 From ``TrainingArguments``: ``learning_rate`` -> ``lr``; ``adam_beta1/2`` -> ``betas`` and
 ``adam_epsilon`` -> ``eps`` for the optimizers that have Adam's betas/eps; ``weight_decay``
@@ -61,7 +60,9 @@ from typing import Any, Iterable
 from torch import nn
 
 from ..distributed import is_dtensor
-from ..factory import announce, available_optimizers, canonical_name, name_aliases, projectable_weights
+from ..factory import announce, available_optimizers, projectable_weights
+from ..options import aliases as name_aliases
+from ..options import canonical_name, parse_options
 from ..optim import OPTIMIZERS, LowRankOptimizer
 from ..quant import Int8Linear
 
@@ -84,9 +85,6 @@ TRAINER_OWNED = {
     "max_grad_norm": "use TrainingArguments(max_grad_norm=...)",
 }
 
-#: Types of keywords whose default is None (the default cannot tell).
-_NONE_DEFAULT_TYPES = {"rank": int, "density": float, "lr": float, "beta1": float, "projector_args": dict, "foreach": bool}
-
 _registered: set[str] = set()
 
 
@@ -98,85 +96,15 @@ def _optimizer_class(name: str) -> type[LowRankOptimizer]:
     return OPTIMIZERS[key]
 
 
-def _scalar(text: str, kind: type | None, where: str) -> Any:
-    """One value parsed to ``kind`` (None: the most specific literal that fits)."""
-    low = text.strip().lower()
-    if low in ("none", "null"):
-        return None
-    if kind is bool:
-        if low in ("true", "1", "yes", "on"):
-            return True
-        if low in ("false", "0", "no", "off"):
-            return False
-        raise ValueError(f"{where}={text!r} is not a boolean (true/false)")
-    if kind is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f"{where}={text!r} is not an integer") from None
-    if kind is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f"{where}={text!r} is not a number") from None
-    if kind is str:
-        return text.strip()
-    for convert in (int, float):  # untyped (projector_args values): the literal's own type
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(low, text.strip())
-
-
 def parse_optim_args(name: str, optim_args: str | dict[str, str] | None) -> dict[str, Any]:
     """Parse ``optim_args`` (``"rank=64,betas=0.9:0.95"`` or an already split dict of strings)
-    for optimizer ``name`` into typed keywords; see the module docstring for the syntax."""
+    for optimizer ``name`` into typed keywords: :func:`lowrank_optim.options.parse_options`,
+    the package's one syntax, with the loop options the Trainer sets itself refused."""
     cls = _optimizer_class(name)
-    owner = f"{PREFIX}{name.lower().removeprefix(PREFIX)} ({cls.__name__})"
-    defaults = cls.hyperparameter_defaults()
-    valid = [k for k in defaults if k not in TRAINER_OWNED]
-    if not optim_args:
-        return {}
-    if isinstance(optim_args, str):
-        pairs = {}
-        for item in optim_args.split(","):
-            if not item.strip():
-                continue
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"{owner}: optim_args item {item!r} is not key=value")
-            pairs[key.strip()] = value.strip()
-    else:
-        pairs = {str(k).strip(): str(v) for k, v in optim_args.items()}
-    out: dict[str, Any] = {}
-    for key, text in pairs.items():
-        if key in TRAINER_OWNED and key in defaults:
-            raise ValueError(f"{owner}: optim_args key {key!r} is not available with the Trainer: {TRAINER_OWNED[key]}")
-        if key not in defaults:
-            raise ValueError(f"{owner}: unknown optim_args key {key!r}; valid keys are: {', '.join(valid)}")
-        where = f"{owner}: optim_args {key}"
-        default = defaults[key]
-        kind = _NONE_DEFAULT_TYPES.get(key) if default is None else type(default)
-        if kind is dict:
-            value: Any = None if text.strip().lower() in ("none", "null", "") else {}
-            for entry in filter(None, (e.strip() for e in text.split(";"))) if value is not None else ():
-                sub, sep, subtext = entry.partition(":")
-                if not sep:
-                    raise ValueError(f"{where}={text!r}: item {entry!r} is not key:value (items separated by ';')")
-                value[sub.strip()] = _scalar(subtext, None, f"{where}[{sub.strip()}]")
-        elif kind is tuple:
-            if text.strip().lower() in ("none", "null"):
-                value = None
-            else:
-                items = text.split(":")
-                if len(items) != len(default):
-                    raise ValueError(f"{where}={text!r} needs {len(default)} values separated by ':' (e.g. 0.9:0.95)")
-                value = tuple(_scalar(t, type(d), where) for t, d in zip(items, default))
-        else:
-            value = _scalar(text, kind, where)
-        out[key] = value
-    return out
+    owner = f"{PREFIX}{str(name).lower().removeprefix(PREFIX)} ({cls.__name__})"
+    refused = {k: f"with the Trainer, {reason}" for k, reason in TRAINER_OWNED.items()}
+    return parse_options(canonical_name(str(name).lower().removesuffix(LAYERWISE_SUFFIX)), optim_args, refused,
+                         owner, label="optim_args key")
 
 
 # --------------------------------------------------------------------------- param groups
