@@ -56,7 +56,7 @@ with warnings.catch_warnings():  # galore_torch imports transformers, which may 
     import galore_torch
     from galore_torch.galore_projector import GaLoreProjector
 
-#: LLaMA configurations from the GaLore paper (METHODS.md section 1):
+#: LLaMA configurations from the GaLore paper (docs/methods/galore.md#paper-settings-and-results):
 #: hidden size, MLP intermediate size and the rank the paper trains them with.
 #: ``tiny`` is not a paper model; it keeps ``--quick`` to seconds.
 MODELS: dict[str, tuple[int, int, int]] = {

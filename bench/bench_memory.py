@@ -11,7 +11,8 @@ of a full SVD factor counts the whole factor).  Weights are counted the same way
 parameters (and, for an INT8-weight model, from its integer codes and scales).  Bytes are
 reported in MiB (2^20).  Peers: ``torch.optim.AdamW`` and, where installed, the
 projectors of ``galore_torch`` (``GaLoreAdamW``) and ``q_galore_torch`` (its projector
-storage only: its 8-bit step is broken with bitsandbytes 0.50, see METHODS.md).
+storage only: its 8-bit step is broken with bitsandbytes 0.50, see
+docs/methods/qgalore.md#where-we-differ-from-q_galore_torch).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ Run from the repository root::
     python bench/bench_step.py --quick          # smoke run on tiny shapes (seconds)
     python bench/bench_step.py --device cuda    # adds the GPU-only rows
 
-Cases (rows of ours / peer; docs/benchmarks.md "The step engine" has the details):
+Cases (rows of ours / peer; docs/benchmarks.md#the-step-engine-issue-12 has the details):
 ``galore_60m`` GaLoreAdamW vs galore_torch at LLaMA-60M shapes, r = 128: steady step, and the
 amortized step over T = 200 with our rsvd; ``overhead_96x64`` 96 matrices of 64x64 vs
 ``AdamW(foreach=True)``, also with ``foreach=False``; ``fira_60m`` FiraAdamW vs the fira

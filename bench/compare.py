@@ -50,7 +50,7 @@ What is measured, for every contender (each has its own copy of the weights and 
     ``lowrank_optim.memory.state_bytes`` after the timed periods: every tensor reachable from
     ``optimizer.state`` (inside projector objects too), counted by the storage it keeps
     alive, applied to ours and to the peers alike.  *minimum* is the analytical state of the
-    method (``lowrank_optim.memory.estimate``: what METHODS.md says the method must store,
+    method (``lowrank_optim.memory.estimate``: what the method must store, docs/methods.md,
     e.g. GaLore's basis plus two moments of the projected gradient); measured / minimum is
     1.00 when nothing is kept beyond it.
 
@@ -170,7 +170,7 @@ def contenders(rank: int, gap: int) -> list[Contender]:
             kw = {"rank": rank, "update_proj_gap": gap, "lr": LR, "weight_decay": 0.0, **extra}
             if name != "frugal_adamw":  # FRUGAL's state-full part takes the full step (scale 1)
                 kw.setdefault("scale", SCALE)
-            return lowrank_optim.create_optimizer(name, stack, **kw)
+            return lowrank_optim.create_optimizer(name, stack, summary=False, **kw)
 
         return make
 
@@ -212,6 +212,10 @@ def contenders(rank: int, gap: int) -> list[Contender]:
         Contender("ours GradNormLoRPAdamW", ours("gradnorm_lorp_adamw"), "lowrank_optim", ADAMW, "gradnorm_lorp_adamw"),
         Contender("ours GradNormLoRPAdamW8bit", ours("gradnorm_lorp_adamw8bit"), "lowrank_optim", ADAMW, "gradnorm_lorp_adamw8bit"),
         Contender("ours ApolloAdamW", ours("apollo_adamw", scale=apollo_keys["scale"]), "lowrank_optim", A, "apollo_adamw"),
+        # The sketch kept between refreshes (projector_args keep): r x n floats per matrix
+        # above the minimum column (which is APOLLO's default: no basis kept).
+        Contender("ours ApolloAdamW keep", ours("apollo_adamw", scale=apollo_keys["scale"], projector_args={"keep": True}),
+                  "lowrank_optim", A, "apollo_adamw"),
         Contender("ours ApolloMiniAdamW", ours("apollo_mini_adamw", rank=1, scale=math.sqrt(mini_keys["scale"]), scaling="tensor"),
                   "lowrank_optim", AM, "apollo_mini_adamw", rank=1),
         Contender(G, peer("galore_torch", "GaLoreAdamW", galore_keys, no_deprecation_warning=True), "galore_torch", method="galore_adamw"),

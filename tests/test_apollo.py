@@ -102,6 +102,27 @@ def test_state_is_two_low_rank_moments_per_matrix_and_no_basis():
     assert memory.state_bytes(opt) == expected_total
 
 
+def test_a_kept_basis_steps_identically_and_costs_exactly_the_basis():
+    """projector_args={"keep": True}: the sketch drawn once per refresh instead of at every
+    step; the same bases, so the same trajectory, for r x short-side floats more."""
+    runs = []
+    for keep in (False, True):
+        mats, bias = make_params()
+        opt = lo.ApolloAdamW([{"params": mats, "rank": 3, "update_proj_gap": 2, "projector_args": {"keep": keep}},
+                              {"params": [bias]}], lr=1e-2)
+        for step in range(5):  # refreshes at steps 0, 2 and 4
+            fake_grads([*mats, bias], step)
+            opt.step()
+        runs.append((mats, opt))
+    (plain, plain_opt), (kept, kept_opt) = runs
+    for p, q in zip(plain, kept):
+        assert torch.equal(p, q)
+    basis_floats = sum(3 * min(p.shape) for p in kept)
+    assert memory.state_bytes(kept_opt) == memory.state_bytes(plain_opt) + 4 * basis_floats
+    projector = kept_opt._projector(0)
+    assert sum(projector.state_bytes(tuple(p.shape), 4) for p in kept) == 4 * basis_floats  # as the estimator counts
+
+
 def test_apollo_mini_preset():
     model = torch.nn.ModuleDict({"attn": torch.nn.Linear(16, 8), "mlp": torch.nn.Linear(8, 16)})
     opt = lo.create_optimizer("apollo_mini_adamw", model)

@@ -29,6 +29,7 @@ QUICK_COMPARE = [
     "ours GaLoreAdamW svd",
     "ours FiraAdamW",
     "ours ApolloAdamW",
+    "ours ApolloAdamW keep",
     "ours ApolloMiniAdamW",
     "galore_torch GaLoreAdamW",
     "fira FiraAdamW",
@@ -86,6 +87,8 @@ def test_compare_apollo_against_apollo_torch(compare_run):
         if peer in rows:  # apollo_torch also keeps its random matrix: above the minimum
             assert rows[peer]["minimum_bytes"] == rows[ours]["minimum_bytes"]
             assert rows[peer]["state_bytes"] > rows[peer]["minimum_bytes"]
+    kept = rows["ours ApolloAdamW keep"]  # the same plus the kept sketches (r x n floats per matrix)
+    assert kept["minimum_bytes"] == rows["ours ApolloAdamW"]["minimum_bytes"] < kept["state_bytes"]
     # Mini's moments are rank 1: far below APOLLO's rank-r ones on the same stack
     assert rows["ours ApolloMiniAdamW"]["state_bytes"] < rows["ours ApolloAdamW"]["state_bytes"] / 8
 

@@ -1,4 +1,4 @@
-"""DCT projector and DCTAdamW (METHODS.md section 6): basis, optimal selection, index-only
+"""DCT projector and DCTAdamW (docs/methods/dct.md#update-rule): basis, optimal selection, index-only
 state, shared cache, moments across a refresh, training, resume, options, FFT and bf16."""
 from __future__ import annotations
 
@@ -268,7 +268,7 @@ BUILDERS = {
         0.6,
     ),
     "GaLoreAdamW_dct": (lambda groups: lo.GaLoreAdamW(groups, lr=1e-2, projector="dct"), 0.3),
-    # METHODS.md section 6: the DCT projector must plug into Fira and FRUGAL unchanged.
+    # docs/methods/dct.md#with-fira-and-frugal: the projector plugs into Fira and FRUGAL unchanged.
     "FiraAdamW_dct": (lambda groups: lo.FiraAdamW(groups, lr=1e-2, projector="dct", on_refresh="project"), 0.3),
     "FrugalAdamW_dct": (lambda groups: lo.FrugalAdamW(groups, lr=1e-2, projector="dct"), 0.3),
 }

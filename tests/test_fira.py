@@ -1,5 +1,5 @@
 """FiraAdamW: the reference package ``fira`` (bit for bit), the paper's formula from
-METHODS.md section 3 (a small readable reference below), the norm-growth limiter, the
+docs/methods/fira.md#update-rule (a small readable reference below), the norm-growth limiter, the
 matrix scaling, bad inputs and the absence of host syncs in a step."""
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_reference_compat_is_bit_identical_to_fira(proj_type):
 
 # ---------------------------------------------------------------------------- the paper's formula
 def fira_paper_reference(weights, grad_steps, *, rank, gap, scale, lr, betas, eps, weight_decay, gamma, scaling):
-    """Fira as METHODS.md sections 1 and 3 state it, one matrix at a time: GaLore's low-rank
+    """Fira as docs/methods/fira.md#update-rule states it, one matrix at a time: GaLore's low-rank
     Adam with torch.optim.AdamW's eps placement (N = M / (sqrt(V / (1 - b2^t)) + eps), step
     lr / (1 - b1^t)), phi over the rank dimension, S = (G - back(R)) * phi, the limiter on
     ||S||, D = scale * (back(N) + S), decay before the update."""

@@ -51,7 +51,7 @@ def state_bytes(value):
 
 
 def reference_frugal(w, grads, masks, gap, lr, betas, eps, wd, lr_f, rule):
-    """METHODS.md section 4 on full matrices with a 0/1 selection mask S per step:
+    """docs/methods/frugal.md#update-rule on full matrices with a 0/1 selection mask S per step:
     g_s = S*G; AdamW on g_s, moments reset at each refresh (steps 0, T, 2T, ...);
     E = (1-S)*G; W <- W(1 - lr wd) - lr * adam - lr_f * F(E)."""
     beta1, beta2 = betas

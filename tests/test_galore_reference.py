@@ -34,7 +34,8 @@ def run_pair(ours, ref, a, b, steps):
 
 def build_pair(a, b, proj_type, hyper, **ours_kw):
     # The reference re-derives the side from the low-rank shape at project_back and crashes
-    # for reverse_std on a square matrix (METHODS.md section 1): leave that one out there.
+    # for reverse_std on a square matrix (docs/methods/galore.md#where-we-differ-from-galore_torch):
+    # leave that one out there.
     n = 2 if proj_type == "reverse_std" else 3
     common = dict(lr=3e-3, betas=(0.85, 0.97), weight_decay=0.0)
     common.update(hyper.pop("common", {}))

@@ -1,5 +1,6 @@
 """GradNormLoRPAdamW / GradNormLoRPAdamW8bit: the weight-norm chain rule against autograd,
-the whole step against a small readable reference written from METHODS.md section 7, the
+the whole step against a small readable reference written from
+docs/methods/gradnorm_lorp.md#update-rule, the
 state's size, the learned magnitude, the 8-bit class, training, resume and bad inputs."""
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def test_full_rank_step_sees_autograd_gradients(shape):
 
 # ---------------------------------------------------------------------------- the whole step
 def gradnorm_reference(weights, grad_steps, *, rank, gap, scale, lr, betas, eps, weight_decay, eps_style, decay_after):
-    """METHODS.md section 7, one matrix at a time: u = V/‖V‖, ∂L/∂g = Σ G⊙u,
+    """docs/methods/gradnorm_lorp.md#update-rule, one matrix at a time: u = V/‖V‖, ∂L/∂g = Σ G⊙u,
     ∂L/∂V = g/‖V‖ (G − (Σ G⊙u) u); GaLore std projection of ∂L/∂V (SVD every ``gap``
     steps, moments kept), Adam on it, V ← V − step α back(N); Adam on ∂L/∂g with decoupled
     decay of g; W = g V/‖V‖.  V is a variable of its own, never read back from W (so a

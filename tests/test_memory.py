@@ -14,7 +14,6 @@ from torch import nn
 
 from lowrank_optim import memory as mem
 
-
 # ----------------------------------------------------------------------------- paper
 
 # Our reproduction of GaLore Table 2 (GiB), with the documented deviations (module docstring).
@@ -55,9 +54,13 @@ def test_llama_shapes_match_transformers_meta():
     from_config = {s.name: (s.shape, s.projected) for s in mem.llama_param_specs("60m")}
     from_module = {s.name: (s.shape, s.projected) for s in mem.module_param_specs(model)}
     assert from_config == from_module
-    a = mem.estimate("60m", "galore_adamw").totals
-    b = mem.estimate(model, "galore_adamw", rank=128).totals
+    a = mem.estimate("60m", "galore_adamw").totals  # a preset: the paper's bf16
+    b = mem.estimate(model, "galore_adamw", rank=128, dtype="bf16").totals
     assert a == b
+    # without a dtype, the module's own (fp32 here), not an assumed bf16
+    own = mem.estimate(model, "galore_adamw", rank=128)
+    assert own.dtype == "float32" and own.dtype_note == "the module's own"
+    assert own.totals == {k: 2 * v for k, v in a.items()}
 
 
 def test_paper_formula_for_a_projected_matrix():
@@ -246,15 +249,18 @@ def test_rows_sum_to_totals_and_per_layer():
 def test_outputs_parse():
     es = [mem.estimate("60m", o) for o in ("adamw", "galore_adamw", "frugal_adamw")]
     data = json.loads(mem.render(es, "json"))
-    assert [d["optimizer"] for d in data] == ["adamw", "galore_adamw", "frugal_adamw"]
-    assert data[1]["totals"]["total"] == es[1].totals["total"]
+    assert [d["optimizer"] for d in data["estimates"]] == ["adamw", "galore_adamw", "frugal_adamw"]
+    assert data["estimates"][1]["totals"]["total"] == es[1].totals["total"]
     rows = list(csv.DictReader(io.StringIO(mem.render(es, "csv"))))
     assert float(rows[0]["state"]) == es[0].totals["state"]
     per_layer = list(csv.DictReader(io.StringIO(mem.render(es, "csv", per_layer=True))))
     assert len(per_layer) == 3 * len(es[0].per_layer())
+    assert {r["optimizer"] for r in per_layer} == {"adamw", "galore_adamw", "frugal_adamw"}
     md = mem.render(es, "markdown", per_layer=True).splitlines()
-    assert md[0].startswith("| optimizer") and set(md[1]) <= set("|-:")
-    assert all(line.count("|") == md[0].count("|") for line in md)
+    assert md[0].startswith("settings: model 60m") and md[1] == ""
+    table = md[2:]
+    assert table[0].startswith("| optimizer") and set(table[1]) <= set("|-:")
+    assert all(line.count("|") == table[0].count("|") for line in table)
     assert "galore_adamw" in mem.render(es, "table")
     paper_md = mem.render_paper(mem.paper_table(), "markdown")
     assert paper_md.count("\n") == 5
@@ -292,7 +298,7 @@ def test_cli(tmp_path, capsys):
 
 def test_cli_subprocess():
     proc = subprocess.run([sys.executable, "-m", "lowrank_optim.memory", "--paper", "--format", "csv"],
-                          capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     assert len(rows) == 4 and "GiB" in proc.stderr
@@ -314,6 +320,17 @@ BAD_ARGS = [
     (["--plot", f"{MISSING}/out.png"], r"--plot '.*/missing/out\.png': folder '.*/missing' does not exist"),
     (["--measure", "--device", "cuda"], r"--device 'cuda': CUDA is not available on this machine"),
     (["--measure", "--device", "gpu0"], r"--device 'gpu0': not a torch device"),
+    (["--model", "3b"], r"--model: unknown model '3b': not a LLaMA preset \(60m, .*nothing is downloaded"),
+    (["--model", f"{MISSING}/config.json"], r"--model: unknown model '.*/missing/config\.json'"),
+    (["--ranks", "64,x"], r"--ranks '64,x': comma-separated integers"),
+    (["--ranks", "64,0"], r"--ranks '64,0': each must be an integer >= 1"),
+    (["--ranks", "64", "--rank", "8"], r"argument --rank: not allowed with argument --ranks"),
+    (["--ranks", "64", "--density", "0.5"], r"--ranks sweeps the rank; with --density"),
+    (["--dtype", "int3"], r"--dtype 'int3': valid ones: bf16"),
+    (["--opt-arg", "bogus=1"], r"--opt-arg 'bogus=1': adamw: unknown option 'bogus'; valid keys are: "),
+    (["--opt-arg", "sgd:momentum=0"], r"--opt-arg 'sgd:momentum=0': 'sgd' is not in --optimizers"),
+    (["--opt-arg", "galore_adamw:history=x"], r"unknown option 'history'"),
+    (["--target-regex", "("], r"--target-regex '\(': not a regular expression \(missing \)"),
 ]
 
 
@@ -381,3 +398,407 @@ def test_process_peak_sees_a_transient_allocation():
     del transient
     assert mem.process_peak_since(baseline) >= 60 * 2**20
     assert mem.process_peak_since(None) is None
+
+
+#: Layouts the estimator's arguments do not reach (proj_type, limiter off, INT4 options,
+#: 8-bit magnitude moments, FRUGAL's blocks): the classes' own declarations
+#: (``param_state_bytes`` + ``Projector.state_bytes``) against the state of a real run.
+DECLARED = [
+    ("galore_adamw", {"rank": 8, "projector": "dct", "proj_type": "full"}),
+    ("galore_adamw", {"rank": 8, "proj_type": "full"}),
+    ("galore_adamw", {"rank": 8, "proj_type": "reverse_std"}),
+    ("galore_adamw", {"rank": 4, "projector": "entries"}),
+    ("galore_adafactor", {"rank": 8, "proj_type": "left", "beta1": 0.9}),
+    ("fira_adamw", {"rank": 8}),
+    ("fira_adamw", {"rank": 8, "projector": "dct", "norm_growth_limit": None}),
+    ("qgalore_adamw8bit", {"rank": 8, "projector_args": {"lazy": False, "group_size": 64}}),
+    ("qgalore_adamw8bit", {"rank": 8, "proj_type": "full"}),
+    ("natural_galore_adamw", {"rank": 8, "history": 3, "proj_type": "full"}),
+    ("gradnorm_lorp_adamw", {"rank": 8}),
+    ("gradnorm_lorp_adamw8bit", {"rank": 8, "min_8bit_size": 16}),
+    ("apollo_adamw", {"rank": 8, "projector": "svd", "norm_growth_limit": None}),
+    ("frugal_adamw", {"density": 0.5, "projector": "blocks", "update_proj_gap": 1}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("name,options", DECLARED, ids=[f"{n}-{i}" for i, (n, _) in enumerate(DECLARED)])
+def test_declared_state_bytes_equal_measured(name, options, dtype):
+    from lowrank_optim.projectors import make_projector
+
+    if dtype == torch.float64 and "8bit" in name:
+        pytest.skip("bitsandbytes' 8-bit moments take fp32 gradients")
+    model = Stack(shapes=((64, 48),) * 4, mlp=False, dtype=dtype)
+    opt = mem.build_optimizer(name, model, **options)
+    _run(opt, model, steps=3)
+    named = list(model.named_parameters())
+    measured = mem.state_bytes_per_param(opt, named)
+    width = torch.empty((), dtype=dtype).element_size()
+    names = {id(p): n for n, p in named}
+    declared = {}
+    for group in opt.param_groups:
+        projector = make_projector(group)
+        for p in group["params"]:
+            shape = tuple(p.shape)
+            own = projector.state_bytes(shape, width) if projector is not None else 0
+            declared[names[id(p)]] = own + type(opt).param_state_bytes(
+                shape, width, group, projector, group_size=len(group["params"]))
+    if options.get("projector") == "blocks":
+        # which matrices are active changes per round; their number does not
+        assert sum(measured.values()) == sum(declared.values())
+        # per matrix: the expected share, half of an active matrix's moments (2 of 4 active)
+        matrices = [n for n in declared if n.startswith("attn.")]
+        assert {measured[n] for n in matrices} == {0, 2 * declared[matrices[0]]}
+        assert len({declared[n] for n in matrices}) == 1
+    else:
+        assert measured == declared
+
+
+@pytest.mark.parametrize("name,size,projector", [("galore_adafactor", {"density": 0.25}, "columns"),
+                                                 ("galore_adamw", {"rank": 4}, "rows"),
+                                                 ("natural_galore_adamw", {"rank": 8}, "int4")])
+def test_estimate_takes_any_projector_for_any_optimizer(name, size, projector):
+    # The estimator asks the classes, so a pairing no branch of it names is still exact.
+    model = Stack()
+    opt = mem.build_optimizer(name, model, projector=projector, **size)
+    _run(opt, model)
+    measured = mem.state_bytes_per_param(opt, list(model.named_parameters()))
+    est = mem.estimate(model, name, dtype="fp32", projector=projector, **size)
+    assert measured == {r.name: r.optimizer for r in est.rows}
+    with pytest.raises(ValueError, match="needs density"):
+        mem.estimate(model, name, projector="blocks", rank=8)
+
+
+# ----------------------------------------------------------------------------- "what will my model need?"
+
+
+def _tiny_llama_config(**extra):
+    transformers = pytest.importorskip("transformers")
+    return transformers.LlamaConfig(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=4, vocab_size=512, tie_word_embeddings=False, **extra)
+
+
+def test_config_object_json_path_and_folder_agree_with_the_module(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = _tiny_llama_config()
+    config.save_pretrained(tmp_path / "folder")
+    with torch.device("meta"):
+        module = transformers.LlamaForCausalLM(config)
+    by_module = mem.estimate(module, "galore_adamw", rank=8)
+    for given, kind in ((config, "transformers config"), (tmp_path / "folder", "model folder"),
+                        (str(tmp_path / "folder" / "config.json"), "config.json")):
+        e = mem.estimate(given, "galore_adamw", rank=8)
+        assert e.source == kind
+        assert e.totals == by_module.totals and [r.name for r in e.rows] == [r.name for r in by_module.rows]
+        assert e.parameters == sum(p.numel() for p in module.parameters()) and e.matrices == 14
+    assert mem.estimate(tmp_path / "folder", "adamw").model == str(tmp_path / "folder")
+
+
+def test_the_configs_dtype_unless_one_is_given(tmp_path):
+    plain, bf16 = _tiny_llama_config(), _tiny_llama_config(dtype="bfloat16")
+    a = mem.estimate(plain, "galore_adamw", rank=8)
+    b = mem.estimate(bf16, "galore_adamw", rank=8)
+    assert (a.dtype, b.dtype) == ("float32", "bfloat16")
+    assert "float32" in a.dtype_note and b.dtype_note == "the config's dtype"
+    assert a.totals["weights"] == 2 * b.totals["weights"] and a.totals["state"] == 2 * b.totals["state"]
+    forced = mem.estimate(bf16, "galore_adamw", rank=8, dtype="fp32")
+    assert forced.totals == a.totals and forced.dtype_note == "given"
+    bf16.save_pretrained(tmp_path)
+    assert "dtype bfloat16 (the config's dtype)" in mem.render([mem.estimate(tmp_path, "adamw")])
+
+
+def test_a_mixed_dtype_module_is_counted_per_parameter():
+    # bf16 linears, fp32 embedding and norm (a common mixed-precision layout): the estimate
+    # without a dtype is each parameter's own, and equals the real state byte for byte
+    model = Stack(dtype=torch.bfloat16)
+    model.embed.float()
+    model.norm.float()
+    est = mem.estimate(model, "galore_adamw", rank=8)
+    assert est.dtype == "bfloat16 (float32: 3 of 9 tensors)"
+    opt = mem.build_optimizer("galore_adamw", model, rank=8)
+    _run(opt, model)
+    assert mem.state_bytes_per_param(opt, list(model.named_parameters())) == {r.name: r.optimizer for r in est.rows}
+    assert {r.name: r.weights for r in est.rows} == {n: p.numel() * p.element_size() for n, p in model.named_parameters()}
+
+
+def test_estimate_of_a_config_it_cannot_build_says_so_in_one_short_line():
+    """estimate(config) used to put the whole config's JSON into its error."""
+    transformers = pytest.importorskip("transformers")
+    bare = transformers.PretrainedConfig(hidden_size=64, **{f"field_{i}": "x" * 50 for i in range(40)})
+    with pytest.raises(ValueError) as err:
+        mem.estimate(bare, "galore_adamw")
+    text = str(err.value)
+    assert len(text) < 300 and "\n" not in text and "field_3" not in text and type(bare).__name__ in text
+
+    class Huge:
+        def __repr__(self):
+            return "{" + "x" * 10_000 + "}"
+
+    with pytest.raises(ValueError, match=r"not a Huge$") as err:
+        mem.estimate(Huge(), "adamw")
+    assert len(str(err.value)) < 300
+    with pytest.raises(ValueError, match="nothing is downloaded"):
+        mem.estimate("meta-llama/Llama-2-7b-hf", "adamw")
+
+
+def test_a_string_target_modules_is_one_pattern_not_its_characters():
+    """target_modules="attn.0" once meant ("a", "t", "t", "n", ".", "0"): every attn.* matched."""
+    model = Stack()
+    projected = lambda targets: [r.name for r in mem.estimate(model, "galore_adamw", rank=8,
+                                                              target_modules=targets).rows if r.projected]
+    assert projected("attn.0") == ["attn.0.weight"]  # one full-match regex
+    assert projected(r"attn\.[13]") == ["attn.1.weight", "attn.3.weight"]
+    assert projected("all-linear") == [f"attn.{i}.weight" for i in range(4)] + ["mlp.weight"]
+    assert projected(["attn"]) == [f"attn.{i}.weight" for i in range(4)]  # a list: name fragments
+    with pytest.raises(ValueError, match="target_modules='attn'"):
+        projected("attn")  # the ModuleList itself holds no weight
+    # the same selection as the Trainer's param groups (string) and param_groups (list)
+    from lowrank_optim import param_groups
+    from lowrank_optim.integrations.transformers import trainer_param_groups
+
+    pytest.importorskip("transformers")
+    names = {n for n, _ in model.named_parameters()}
+    for pattern in ("attn.0", r"attn\.[13]", "all-linear"):
+        groups = trainer_param_groups(model, pattern, 0.0, {"rank": 8})
+        trainer = sorted(n for g in groups if g.get("rank") for n in g["param_names"])
+        assert trainer == sorted(projected(pattern)) and set(trainer) <= names
+    assert param_groups(model, ["attn", "mlp"], rank=8)[0]["param_names"] == projected(["attn", "mlp"])
+    # a preset reads a string the same way
+    llama = mem.estimate("60m", "galore_adamw", target_modules=r".*\.(q|v)_proj")
+    assert llama.matrices == 2 * 8 and all(r.name.endswith(("q_proj.weight", "v_proj.weight"))
+                                           for r in llama.rows if r.projected)
+    # and a measured run with a string pattern builds the same groups
+    opt = mem.build_optimizer("galore_adamw", model, rank=8, target_modules=r"attn\.[13]")
+    _run(opt, model)
+    est = mem.estimate(model, "galore_adamw", rank=8, target_modules=r"attn\.[13]")
+    assert mem.state_bytes_per_param(opt, list(model.named_parameters())) == {r.name: r.optimizer for r in est.rows}
+
+
+class FusedExperts(nn.Module):
+    """Named like transformers' fused-experts modules: E stacked matrices per weight."""
+
+    def __init__(self, experts=3, hidden=48, inner=40):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.randn(experts, 2 * inner, hidden) * 0.1)
+        self.down = nn.Parameter(torch.randn(experts, hidden, inner) * 0.1)
+
+
+class MoEStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Linear(48, 48, bias=False)
+        self.mlp = nn.Module()
+        self.mlp.router = nn.Parameter(torch.randn(3, 48))  # no matrix module: stays dense
+        self.mlp.experts = FusedExperts()
+        self.norm = nn.LayerNorm(48)
+
+
+def _one_matrix(m, n):
+    """A module whose only projected weight is one m x n matrix (under the name ``attn``)."""
+    holder = nn.Module()
+    holder.add_module("attn", nn.Linear(n, m, bias=False))
+    return holder
+
+
+@pytest.mark.parametrize("name,size", [("galore_adamw", {"rank": 8}), ("fira_adamw", {"rank": 8}),
+                                       ("apollo_adamw", {"rank": 4}), ("dct_adamw", {"rank": 8}),
+                                       ("galore_adamw8bit", {"rank": 8}), ("frugal_adamw", {"density": 0.25}),
+                                       ("adamw", {})])
+def test_a_fused_experts_stack_is_counted_as_its_matrices(name, size):
+    torch.manual_seed(0)
+    model = MoEStack()
+    est = mem.estimate(model, name, **size)
+    if name != "adamw":
+        assert est.matrices == 1 + 3 + 3  # the attention matrix and E = 3 per stack
+        stack = next(r for r in est.rows if r.name == "mlp.experts.gate_up")
+        one = mem.estimate(_one_matrix(80, 48), name, **size).rows[0]  # one expert's 80 x 48 matrix
+        if name != "frugal_adamw":  # FRUGAL's expected share depends on the group's size
+            assert (stack.state, stack.projector) == (3 * one.state, 3 * one.projector)
+    opt = mem.build_optimizer(name, model, **size)
+    _run(opt, model)
+    if name != "adamw":
+        assert len(opt.state[model.mlp.experts.gate_up]["matrices"]) == 3
+    assert mem.state_bytes_per_param(opt, list(model.named_parameters())) == {r.name: r.optimizer for r in est.rows}
+    assert mem.state_bytes(opt) == est.totals["optimizer"]
+
+
+def test_a_mixtral_config_counts_its_expert_stacks_and_gpt2_its_conv1d():
+    transformers = pytest.importorskip("transformers")
+    mixtral = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                         num_local_experts=4)
+    e = mem.estimate(mixtral, "galore_adamw", rank=4)
+    assert e.matrices == 2 * (4 + 2 * 4)  # per layer: q/k/v/o and two stacks of 4 experts
+    assert {r.name.split(".")[-1] for r in e.rows if len(r.shape) == 3} == {"gate_up_proj", "down_proj"}
+    assert all(r.projected for r in e.rows if len(r.shape) == 3)
+    gpt2 = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32,
+                                   bos_token_id=0, eos_token_id=0)
+    g = mem.estimate(gpt2, "galore_adamw", rank=4)
+    assert [r.name.split("h.0.")[1] for r in g.rows if r.projected] == [
+        "attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"]
+
+
+def test_names_come_from_the_package_table():
+    for spelling in ("galore_adamw8bit", "lowrank_galore_adamw8bit", "galore_adamw_8bit", "LOWRANK_GALORE_ADAMW_8BIT"):
+        assert mem.estimate("60m", spelling).optimizer == "galore_adamw8bit"
+    assert mem.estimate("60m", "SGD").optimizer == "sgd"
+    with pytest.raises(ValueError, match="unknown optimizer 'lowrank_adamw'"):
+        mem.estimate("60m", "lowrank_adamw")  # the prefix names ours, not the peers
+
+
+def test_options_reach_the_estimate_and_match_the_real_state():
+    model = Stack()
+    for name, options in (("galore_adamw", {"rank": 8, "proj_type": "full"}),
+                          ("natural_galore_adamw", {"rank": 8, "history": 2}),
+                          ("adamw", {"amsgrad": True}), ("sgd", {"momentum": 0.0})):
+        est = mem.estimate(model, name, options=options)
+        opt = mem.build_optimizer(name, model, **options)
+        _run(opt, model)
+        assert mem.state_bytes(opt) == est.totals["optimizer"], name
+    assert mem.estimate(model, "sgd", options={"momentum": 0.0}).totals["state"] == 0
+    with pytest.raises(ValueError, match=r"no option\(s\) \['bogus'\]"):
+        mem.estimate(model, "galore_adamw", options={"bogus": 1})
+    with pytest.raises(ValueError, match=r"torch.optim.AdamW\) has no option\(s\) \['rankk'\]"):
+        mem.estimate(model, "adamw", options={"rankk": 1})
+
+
+def test_vs_adamw_is_the_ratio_to_adamw_on_the_same_model():
+    adamw = mem.estimate("60m", "adamw")
+    galore = mem.estimate("60m", "galore_adamw")
+    assert adamw.vs_adamw() == {"optimizer": 1.0, "total": 1.0}
+    ratio = galore.vs_adamw()
+    assert ratio["optimizer"] == galore.totals["optimizer"] / adamw.totals["optimizer"]
+    assert ratio["total"] == galore.totals["total"] / adamw.totals["total"]
+    # the reference follows the settings: no gradients, the same dtype
+    lean = mem.estimate("60m", "galore_adamw", grads=False, dtype="fp32")
+    plain = mem.estimate("60m", "adamw", grads=False, dtype="fp32")
+    assert lean.vs_adamw()["total"] == lean.totals["total"] / plain.totals["total"]
+    table = mem.render([adamw, galore]).splitlines()
+    assert table[1].endswith("state+proj. / AdamW  total / AdamW")
+    assert table[-1].split()[-2:] == [f"{ratio['optimizer']:.2f}x", f"{ratio['total']:.2f}x"]
+    (row,) = csv.DictReader(io.StringIO(mem.render([galore], "csv")))
+    assert float(row["optimizer_vs_adamw"]) == pytest.approx(ratio["optimizer"])
+    assert float(row["total_vs_adamw"]) == pytest.approx(ratio["total"])
+
+
+def test_every_format_carries_the_settings():
+    es = [mem.estimate("60m", o) for o in ("adamw", "galore_adamw", "apollo_mini_adamw")]
+    expected = ("model 60m (LLaMA preset), 58,073,600 parameters", "rank", "128 (the GaLore paper's for 60m)",
+                "1 (apollo_mini_adamw's preset)", "dtype bfloat16 (the GaLore paper's, for a preset)")
+    for fmt in ("table", "markdown"):
+        first = mem.render(es, fmt).splitlines()[0]
+        assert first.startswith("settings: ") and all(part in first for part in expected), first
+    data = json.loads(mem.render(es, "json"))
+    assert all(part in data["settings"] for part in expected)
+    assert data["estimates"][1]["parameters"] == 58_073_600 and data["estimates"][1]["dtype"] == "bfloat16"
+    for row in csv.DictReader(io.StringIO(mem.render(es, "csv"))):
+        assert (row["model"], row["parameters"], row["dtype"]) == ("60m", "58073600", "bfloat16")
+    rows = list(csv.DictReader(io.StringIO(mem.render(es, "csv"))))
+    assert [r["rank"] for r in rows] == ["", "128", "1"]
+
+
+def test_csv_puts_the_optimizer_name_in_the_optimizer_column():
+    """The totals' "optimizer" bytes once overwrote the name in --format csv."""
+    es = [mem.estimate("60m", o) for o in ("adamw", "galore_adamw")]
+    rows = list(csv.DictReader(io.StringIO(mem.render(es, "csv"))))
+    assert [r["optimizer"] for r in rows] == ["adamw", "galore_adamw"]
+    assert [int(r["optimizer_total"]) for r in rows] == [e.totals["optimizer"] for e in es]
+
+
+def test_cli_csv_names_and_settings(capsys):
+    assert mem.main(["--optimizers", "adamw,lowrank_galore_adamw_8bit", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["optimizer"] for r in rows] == ["adamw", "galore_adamw8bit"]
+    assert rows[1]["rank"] == "128" and rows[1]["model"] == "60m"
+
+
+def test_rank_sweep_table_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "sweep.png"
+    assert mem.main(["--ranks", "256,64,128", "--optimizers", "adamw,galore_adamw,apollo_adamw", "--format", "csv",
+                     "--plot", str(png)]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["optimizer"], r["rank"]) for r in rows] == [
+        ("adamw", ""), ("galore_adamw", "64"), ("galore_adamw", "128"), ("galore_adamw", "256"),
+        ("apollo_adamw", "64"), ("apollo_adamw", "128"), ("apollo_adamw", "256")]
+    galore = [int(r["optimizer_total"]) for r in rows if r["optimizer"] == "galore_adamw"]
+    assert galore == sorted(galore) and len(set(galore)) == 3
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert mem.main(["--ranks", "64,128", "--optimizers", "galore_adamw"]) == 0
+    assert "ranks 64, 128 (given)" in capsys.readouterr().out.splitlines()[0]
+
+
+def _captured_figures(monkeypatch, plt):
+    """The figures the plot functions close, kept open instead (a closed figure's canvas
+    can no longer measure where things are drawn)."""
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    return figures
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_plots_keep_legends_off_the_bars_and_label_the_totals(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    figures = _captured_figures(monkeypatch, plt)
+    es = [mem.estimate("60m", o) for o in mem.available_estimators()]
+    mem.plot(es, str(tmp_path / "all.png"))
+    sweep = [mem.estimate("60m", o, rank=r) for o in ("galore_adamw", "fira_adamw") for r in (64, 128, 256)]
+    mem.plot_ranks(sweep + [mem.estimate("60m", "sgd")], str(tmp_path / "ranks.png"))
+    bars_fig, ranks_fig = figures
+    renderer = bars_fig.canvas.get_renderer()
+    for ax in bars_fig.axes:
+        legend = ax.get_legend()
+        assert legend is not None and not _overlap(legend.get_window_extent(renderer), ax.get_window_extent(renderer))
+    labels = [t.get_text() for t in bars_fig.axes[0].texts]
+    assert len(labels) == len(es)  # one label per bar: its total and its ratio to AdamW
+    for e, label in zip(es, labels):
+        assert label == f"{e.totals['total'] / mem.GIB:.3g}\n{e.vs_adamw()['total']:.2f}x AdamW"
+    ax = ranks_fig.axes[0]
+    renderer = ranks_fig.canvas.get_renderer()
+    assert not _overlap(ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer))
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"galore_adamw", "fira_adamw", "sgd", "adamw"}
+    assert [int(t) for t in ax.get_xticks()] == [64, 128, 256]
+    assert "58,073,600 parameters" in bars_fig._suptitle.get_text()
+    monkeypatch.undo()
+    for fig in figures:
+        plt.close(fig)
+
+
+def test_cli_measures_the_chosen_model(tmp_path, capsys):
+    _tiny_llama_config().save_pretrained(tmp_path)
+    assert mem.main(["--measure", "--model", str(tmp_path), "--optimizers", "adamw,galore_adamw", "--rank", "4",
+                     "--steps", "1", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert f"model {tmp_path} (model folder, built with random weights), 164,672 parameters" in data["settings"]
+    assert [r["optimizer"] for r in data["measured"]] == ["adamw", "galore_adamw"]
+    for r in data["measured"]:
+        assert r["measured_state_bytes"] == r["estimated_state_bytes"] > 0
+    assert data["measured"][1]["rank"] == 4
+
+
+def test_cli_measures_a_fused_experts_model(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=64, num_local_experts=3).save_pretrained(tmp_path)
+    assert mem.main(["--measure", "--model", str(tmp_path / "config.json"), "--optimizers", "galore_adamw",
+                     "--rank", "4", "--steps", "1", "--format", "csv"]) == 0
+    (row,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert row["measured_state_bytes"] == row["estimated_state_bytes"] and row["source"].startswith("config.json")
+
+
+def test_cli_config_estimate_and_opt_args(tmp_path, capsys):
+    _tiny_llama_config(dtype="bfloat16").save_pretrained(tmp_path)
+    argv = ["--model", str(tmp_path), "--optimizers", "natural_galore_adamw", "--rank", "8", "--format", "json"]
+    assert mem.main(argv) == 0
+    default = json.loads(capsys.readouterr().out)["estimates"][0]
+    assert mem.main([*argv, "--opt-arg", "natural_galore_adamw:history=2"]) == 0
+    fewer = json.loads(capsys.readouterr().out)["estimates"][0]
+    assert fewer["totals"]["state"] < default["totals"]["state"] and default["dtype"] == "bfloat16"
+    assert mem.main(["--model", str(tmp_path), "--optimizers", "galore_adamw", "--target-regex", r".*\.q_proj",
+                     "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["estimates"][0]["projected_matrices"] == 2

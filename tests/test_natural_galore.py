@@ -1,5 +1,5 @@
 """NaturalGaLoreAdamW: the Woodbury product against a direct solve, the optimizer against a
-small readable reference written from METHODS.md section 5, the history's FIFO order and its
+small readable reference written from docs/methods/natural_galore.md#update-rule, the history's FIFO order and its
 treatment at a refresh, training, bad inputs, resume and the absence of host syncs."""
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_woodbury_fp32_history_is_accurate_to_fp32_rounding():
 def natural_galore_reference(
     weights, grad_steps, *, rank, gap, scale, lr, betas, eps, weight_decay, history, damping, on_refresh
 ):
-    """METHODS.md sections 1 and 5, one matrix at a time: GaLore's std side, the top-r singular
+    """docs/methods/galore.md#update-rule and docs/methods/natural_galore.md#update-rule, one matrix at a time: GaLore's std side, the top-r singular
     vectors every ``gap`` steps; the FIFO of the last ``history`` projected gradients (the
     current one included) as the columns of H; ĝ = (λI + H H^T)^{-1} g by a dense solve;
     Adam on ĝ with torch.optim.AdamW's eps placement; decay before the update.  At a refresh

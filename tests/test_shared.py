@@ -146,7 +146,7 @@ def test_state_holds_no_hidden_memory(optimizer_case):
 
 
 def test_steps_between_refreshes_do_no_host_sync(optimizer_case, monkeypatch):
-    """DESIGN.md: no host syncs in the step.  A refresh may sync (its finiteness check, the
+    """docs/guide.md#conventions-for-contributors: no host syncs in the step.  A refresh may sync (its finiteness check, the
     SVD); the two steps after it must not."""
     with pytest.raises(AssertionError), NoHostSync():  # the detector sees a Python max on a tensor
         max(torch.tensor(2.0), 1.01)

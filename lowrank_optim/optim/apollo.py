@@ -100,6 +100,10 @@ class ApolloAdamW(LowRankOptimizer):
         scaled = scaling.limit_growth(scaled, step.state, group["norm_growth_limit"], reference=True, layout=step.layout)
         return scaled * group["scale"]
 
+    @classmethod
+    def method_state_bytes(cls, shape, low_shape, width: int, group: dict) -> int:
+        return scaling.limiter_state_bytes(group, width)  # the moments of R plus the limiter's norm
+
 
 class ApolloMiniAdamW(ApolloAdamW):
     """APOLLO-Mini: :class:`ApolloAdamW` with a rank-1 sketch, one tensor-wise factor and

@@ -28,7 +28,7 @@ groups of a class that keeps every projection hook at its default (GaLore, DCT, 
 GaLore, Adafactor).  The per-parameter path (:meth:`LowRankOptimizer._step_param`) serves
 the methods with hooks, layer-wise mode, INT8 weights and sharded parameters, and
 ``foreach=False``.  Both share the projection prologue and :meth:`_apply_update`, so they
-round alike (docs/guide.md, "The step engine").
+round alike (docs/guide.md#the-step-engine-for-contributors).
 
 A sharded (FSDP2) parameter runs the same loop on this rank's rows: the refresh and the
 state's DTensor wrapping go through :mod:`lowrank_optim.distributed` (docs/distributed.md).
@@ -173,8 +173,9 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
     every gradient at once, which is exactly what this mode avoids).  With
     ``torch.amp.GradScaler``, call :meth:`attach_grad_scaler` before the first backward:
     the hooks then unscale each gradient and skip the step of a parameter whose gradient
-    is not finite (docs/guide.md).  In this mode :meth:`step` only runs the closure; call
-    it (and your LR scheduler) once per optimizer step as usual.
+    is not finite (docs/guide.md).  In this mode :meth:`step` runs the closure and steps
+    only gradients no hook saw; call it (and your LR scheduler) once per optimizer step
+    as usual.
     """
 
     #: The method's own hyperparameters and defaults (lr, betas, ...), declared once.
@@ -939,6 +940,37 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
                 value = _moved(value, p, low_dtype if follows else None)
             adopted[key] = value
         return adopted
+
+    # ------------------------------------------------------------------ memory
+    @classmethod
+    def param_state_bytes(
+        cls, shape: tuple[int, ...], width: int, group: dict, projector: Projector | None = None, group_size: int = 1
+    ) -> float:
+        """Bytes ``optimizer.state[p]`` keeps for a parameter of ``shape`` with ``width``-byte
+        elements in ``group``, the projector's own tensors aside (``projector.state_bytes``):
+        the moment rule's statistics of G (dense group) or of R, plus the method's own
+        (:meth:`method_state_bytes`).  ``group_size``: the group's projected matrices (FRUGAL's
+        blocks keep moments for a share of them only, so a matrix costs that share on average).
+
+        Declared here, next to the state it describes, so that the memory estimator
+        (:mod:`lowrank_optim.memory`) only adds up; tests/test_memory.py checks the sums
+        against the state of real runs."""
+        shape = tuple(shape)
+        if projector is None:
+            return cls.moment_rule.state_bytes(shape, width, group)
+        low = projector.estimated_low_shape(shape)
+        moments = cls.moment_rule.state_bytes(low, width, group)
+        fraction = projector.active_fraction(group_size)
+        if fraction != 1:
+            moments = fraction * moments
+        return moments + cls.method_state_bytes(shape, low, width, group)
+
+    @classmethod
+    def method_state_bytes(cls, shape: tuple[int, ...], low_shape: tuple[int, ...], width: int, group: dict) -> int:
+        """Bytes of what the method keeps for a projected parameter of ``shape`` (R of
+        ``low_shape``) besides the rule's moments and the projector's state: none here."""
+        return 0
+
 
 #: Seeds of the matrices of a stack (fused experts): the stack's seed plus multiples of this,
 #: far from the seeds of other parameters (which differ by their position, 1 per parameter).

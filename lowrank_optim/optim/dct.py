@@ -1,7 +1,7 @@
 r"""DCT-AdamW: GaLore's Adam on a DCT subspace, SVD-free (Modoranu et al. 2025,
 "SVD-free low-rank adaptive gradient optimization for large language models",
 arXiv:2505.17967, first posted as "FFT-based dynamic subspace selection for low-rank
-adaptive optimization of large language models"; METHODS.md section 6).
+adaptive optimization of large language models"; docs/methods/dct.md#update-rule).
 
 For a weight W (m x n, right side shown; the shorter side by GaLore's ``std`` rule) with
 C the orthonormal n x n DCT-II matrix, every ``update_proj_gap`` = T steps

@@ -123,5 +123,9 @@ class FiraAdamW(LowRankOptimizer):
         )
         return direction.add_(residual, alpha=1.0 if group["reference_compat"] else alpha)
 
+    @classmethod
+    def method_state_bytes(cls, shape, low_shape, width: int, group: dict) -> int:
+        return scaling.limiter_state_bytes(group, width)  # GaLore's state plus the limiter's norm
+
 
 __all__ = ["FiraAdamW"]

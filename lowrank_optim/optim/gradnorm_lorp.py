@@ -217,6 +217,13 @@ class _WeightNormalizedRows:
         moments["step"] += 1
         return self.moment_rule.update(radial, moments, group, p)
 
+    @classmethod
+    def method_state_bytes(cls, shape, low_shape, width: int, group: dict) -> int:
+        # The magnitude g (m x 1) and its own moments, both in the fp32-or-wider compute
+        # dtype (see _compute_dtype); no copy of V.
+        rows, compute_width = shape[0], max(width, 4)
+        return rows * compute_width + cls.moment_rule.state_bytes((rows, 1), compute_width, group)
+
     def upgrade_state(self, pstate: dict) -> dict:
         # Releases before the rule objects kept the magnitude's moments flat, under a prefix.
         pstate = super().upgrade_state(pstate)

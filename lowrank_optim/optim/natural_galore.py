@@ -46,7 +46,8 @@ Implementation notes:
 * Only projected groups are preconditioned; a group without ``rank`` is plain AdamW
   (``torch.optim.AdamW`` to the bit), as in every method of this package.
 
-Reference flaws fixed (METHODS.md section 5): λ = 1e-3 was hard-coded (now ``damping``,
+Reference flaws fixed (docs/methods/natural_galore.md#where-we-differ-from-the-reference):
+λ = 1e-3 was hard-coded (now ``damping``,
 same default); the history was never cleared or re-expressed when the subspace changed
 (now ``history_on_refresh``); the reference projects two-sided (Tucker, an r x r core) while
 the paper describes one side: the default here is GaLore's one-sided ``proj_type="std"``,
@@ -62,6 +63,8 @@ s = 10 on LLaMA-60M shapes).  The default here is s = 4 (``history``); for long 
 use ``proj_type="full"`` as the reference does, where the history is s * r^2 numbers.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -139,6 +142,10 @@ class NaturalGaLoreAdamW(LowRankOptimizer):
         transition = projector.transition(old, state["projector"], like)
         # One entry at a time: an index map applies along a fixed dim of a single R.
         state["grad_history"] = torch.stack([transition.apply(entry) for entry in history])
+
+    @classmethod
+    def method_state_bytes(cls, shape, low_shape, width: int, group: dict) -> int:
+        return group["history"] * math.prod(low_shape) * width  # s projected gradients, R's dtype
 
 
 __all__ = ["NaturalGaLoreAdamW", "inverse_fisher_product"]

@@ -1,6 +1,7 @@
 r"""Q-GaLore: quantized GaLore (Zhang et al., 2024, arXiv:2407.08296).
 
-GaLore (see :mod:`lowrank_optim.optim.galore`) with three changes (METHODS.md section 2):
+GaLore (see :mod:`lowrank_optim.optim.galore`) with three changes
+(docs/methods/qgalore.md#update-rule):
 
 1. INT4 basis.  After each SVD the basis P is stored as packed INT4 codes with per-group
    (256) scale and zero point, :math:`\tilde P = s(q - z)`, dequantized for every

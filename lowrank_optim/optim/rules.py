@@ -78,6 +78,13 @@ class MomentRule:
     def remap(self, state: dict, transition: Transition) -> None:
         raise NotImplementedError
 
+    def state_bytes(self, shape: Sequence[int], width: int, group: dict) -> int:
+        """Bytes of the statistics :meth:`init` creates for a gradient of ``shape`` whose
+        elements take ``width`` bytes (``group``: the settings that decide the layout).
+        The memory estimator (:mod:`lowrank_optim.memory`) adds these up instead of
+        knowing each rule's layout itself."""
+        raise NotImplementedError
+
 
 class Adam(MomentRule):
     r"""Adam.  ``eps_style="torch"``: :math:`\hat m/(\sqrt{\hat v}+\epsilon)`, as
@@ -128,6 +135,9 @@ class Adam(MomentRule):
         squared transition (see :class:`~lowrank_optim.projectors.base.Transition`)."""
         state["exp_avg"] = transition.apply(state["exp_avg"])
         state["exp_avg_sq"] = transition.apply(state["exp_avg_sq"], squared=True)
+
+    def state_bytes(self, shape: Sequence[int], width: int, group: dict) -> int:
+        return 2 * math.prod(shape) * width  # two moments in the gradient's dtype
 
 
 def bitsandbytes_functional():
@@ -261,6 +271,13 @@ class Adam8bit(MomentRule):
             moment = BlockwiseCodes.of(state, key, signed)
             moment.store(transition.apply(moment.dequantize(), squared=not signed))
 
+    def state_bytes(self, shape: Sequence[int], width: int, group: dict) -> int:
+        numel = math.prod(shape)
+        if numel < group["min_8bit_size"]:
+            return 2 * numel * 4  # fp32 moments below the 8-bit threshold, as init keeps them
+        # Per moment: one uint8 code per element and one fp32 absmax per block.
+        return 2 * (numel + 4 * math.ceil(numel / BLOCK))
+
 
 class Adafactor(MomentRule):
     r"""Adafactor (Shazeer & Stern 2018): a factored second moment (one row and one column
@@ -318,6 +335,15 @@ class Adafactor(MomentRule):
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
             state["exp_avg_sq_row"] = transition.apply(row.unsqueeze(-1), squared=True, right=False).squeeze(-1)
             state["exp_avg_sq_col"] = transition.apply(col.unsqueeze(-2), squared=True, left=False).squeeze(-2)
+
+    def state_bytes(self, shape: Sequence[int], width: int, group: dict) -> int:
+        # fp32 whatever the gradient's dtype: the optional first moment, and the second
+        # moment factored into its row and column statistics for a matrix (whole otherwise).
+        shape = tuple(shape)
+        first = 4 * math.prod(shape) if group["beta1"] is not None else 0
+        if len(shape) >= 2:
+            return first + 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2] + shape[-1:]))
+        return first + 4 * math.prod(shape)
 
 
 def _rms(tensor: torch.Tensor) -> torch.Tensor:

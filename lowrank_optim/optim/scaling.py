@@ -91,6 +91,12 @@ def limit_factor(norm_now: torch.Tensor, state: dict, gamma: float | None) -> to
     return limited / norm_now.clamp(min=torch.finfo(norm_now.dtype).tiny)
 
 
+def limiter_state_bytes(group: dict, width: int) -> int:
+    """Bytes of the limiter's state: the 0-dim ``residual_norm``, in the norms' fp32-or-wider
+    dtype (see :func:`norm`), kept only when the limiter is on."""
+    return 0 if group["norm_growth_limit"] is None else max(width, 4)
+
+
 def limit_growth(s: torch.Tensor, state: dict, gamma: float | None, reference: bool, layout=None) -> torch.Tensor:
     """The limiter applied to a formed ``s``.  ``reference``: the arithmetic of the ``fira``
     and ``apollo_torch`` packages, S / ℓ with ℓ = max(‖S‖ / (‖S_prev‖ + 1e-8), γ) / γ

@@ -6,7 +6,7 @@ parameter lives in a plain dict of tensors and numbers inside ``optimizer.state[
 checkpoints load with ``torch.load(weights_only=True)`` and two optimizers never share a
 projector object after ``load_state_dict``.
 
-Notation (METHODS.md): the gradient G is m x n.  A *left* basis P (m x r, orthonormal
+Notation (docs/methods/projectors.md#notation): the gradient G is m x n.  A *left* basis P (m x r, orthonormal
 columns) gives R = P^T G (r x n); a *right* basis Q (r x n, orthonormal rows) gives
 R = G Q^T (m x r); ``full`` keeps both and gives R = P^T G Q^T (r x r).  The side is decided
 once, when the first basis is computed, and stored: it is never re-derived from the shape
@@ -15,7 +15,7 @@ of a later tensor (the upstream ``reverse_std`` crash on square matrices comes f
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -310,6 +310,31 @@ class Projector:
         """(uses a left basis, uses a right basis)."""
         return bool(pstate["side"] & LEFT), bool(pstate["side"] & RIGHT)
 
+    # ------------------------------------------------------------------ memory
+    # What a projector keeps is its own business, so it also says how much that is: the
+    # memory estimator (:mod:`lowrank_optim.memory`) sums these, and tests/test_memory.py
+    # compares the sums with the state of real runs, byte for byte.
+    def state_bytes(self, shape: Sequence[int], width: int) -> int:
+        """Bytes of the tensors this projector keeps in the state of a parameter of
+        ``shape`` whose gradient has ``width``-byte elements (its integers cost nothing).
+        Dense bases: P (m x r) and/or Q (r x n), stored in the gradient's dtype."""
+        m, n = shape
+        pstate = self.init_state(torch.Size(shape), 0)
+        want_left, want_right = self.sides(pstate)
+        rank = pstate["rank"]
+        return ((m * rank if want_left else 0) + (rank * n if want_right else 0)) * width
+
+    def estimated_low_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of R for a parameter of ``shape`` whenever R is not empty (the moment
+        rule keeps its statistics at this shape)."""
+        size = torch.Size(shape)
+        return tuple(self.low_shape(self.init_state(size, 0), size))
+
+    def active_fraction(self, group_size: int) -> float:
+        """The share of a group's ``group_size`` projected matrices whose R is not empty
+        at a step: all of them here (FRUGAL's blocks keep only some active)."""
+        return 1
+
 
 class DenseMap:
     """A linear change of coordinates along one side, applied by a small matmul."""
@@ -375,10 +400,6 @@ REGISTRY: dict[str, type[Projector]] = {}
 def register_projector(cls: type[Projector]) -> type[Projector]:
     REGISTRY[cls.name] = cls
     return cls
-
-
-def get_projector_class(name: str) -> type[Projector]:
-    return REGISTRY[name]
 
 
 def make_projector(group: Mapping[str, Any]) -> Projector | None:

@@ -1,5 +1,5 @@
 r"""Coordinate and block projectors: FRUGAL's index-based subspaces (Zmushko et al., ICML
-2025, arXiv:2411.07837; METHODS.md section 4).
+2025, arXiv:2411.07837; docs/methods/frugal.md#subspaces-and-what-density-means).
 
 Each selects a subset of the coordinates of a weight W (m x n) instead of a basis, so the
 split of the gradient into a projected part and a residual is exact by construction:
@@ -155,6 +155,12 @@ class CoordinateProjector(Projector):
         # Columns index the last dim of R (m x k); rows and entries its first.
         return Transition(right=index_map) if self.side == RIGHT else Transition(left=index_map)
 
+    def state_bytes(self, shape, width: int) -> int:
+        """The k selected indices, in the integer type :meth:`update` stores them in."""
+        size = torch.Size(shape)
+        index_width = torch.empty((), dtype=_index_dtype(self.length(size))).element_size()
+        return self.rank_for(size, self.side) * index_width
+
 
 @register_projector
 class ColumnProjector(CoordinateProjector):
@@ -263,3 +269,14 @@ class BlockProjector(Projector):
         # Rows 0..m-1 when active, none when inactive: active -> active keeps the moments,
         # inactive -> active starts from zeros, active -> inactive drops them.
         return Transition(left=IndexMap(self._rows(old, like), self._rows(new, like)))
+
+    def state_bytes(self, shape, width: int) -> int:
+        return 0  # the active flag and the round are integers
+
+    def estimated_low_shape(self, shape) -> tuple[int, ...]:
+        return tuple(shape)  # an active matrix's R is G itself
+
+    def active_fraction(self, group_size: int) -> float:
+        """K / N: which matrices are active changes per round, how many does not (a
+        matrix's expected state is K / N of its full moments)."""
+        return min(group_size, max(1, round(self.density * group_size))) / group_size

@@ -1,6 +1,6 @@
 r"""DCT projector: columns of a fixed DCT-II basis chosen by alignment with the gradient
-(Modoranu et al. 2025, "SVD-free low-rank adaptive gradient optimization"; METHODS.md
-section 6).
+(Modoranu et al. 2025, "SVD-free low-rank adaptive gradient optimization";
+docs/methods/dct.md#update-rule).
 
 With C the orthonormal DCT-II matrix of the projected side (n x n for a right basis,
 m x m for a left one), a refresh computes the similarity S and keeps the top-r columns
@@ -157,9 +157,10 @@ class DCTProjector(Projector):
       select the same indices up to near-ties (S agrees to ~1e-6).  The default comes from
       bench/bench_dct.py on a 2-core CPU (one thread): the FFT computed S in 0.25-0.35x
       the matmul's time at n = 2048 and the whole refresh in 0.45-0.8x at the LLaMA-60M
-      and 1B shapes; it also needs no fp32 copy of the basis for a bf16 model.  METHODS.md
-      reports no FFT speedup on an H100 at n <= 2048, where ``"matmul"`` may be
-      preferable; amortised over a refresh period either is far below 1% of the step.
+      and 1B shapes; it also needs no fp32 copy of the basis for a bf16 model.  On an
+      H100 the FFT has been reported to bring no speedup at n <= 2048, where ``"matmul"``
+      may be preferable (docs/methods/dct.md#fast-transform); amortised over a refresh
+      period either is far below 1% of the step.
 
     ``proj_type="full"`` keeps an index set on each side, each chosen by its own score
     (row norms of Cᵀ G, column norms of G C).  This is the same marginal rule as the one-
@@ -234,6 +235,11 @@ class DCTProjector(Projector):
             left=IndexMap(old["left_indices"], new["left_indices"]) if want_left else None,
             right=IndexMap(old["right_indices"], new["right_indices"]) if want_right else None,
         )
+
+    def state_bytes(self, shape, width: int) -> int:
+        """r int64 indices per projected side; the DCT basis is a shared cache, not state."""
+        pstate = self.init_state(torch.Size(shape), 0)
+        return 8 * pstate["rank"] * sum(self.sides(pstate))
 
 
 __all__ = ["DCTProjector", "cached_dct_sizes", "clear_dct_cache", "dct_matrix", "dct_rows", "dct_rows_fft"]

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .._validate import choice
+from .._validate import boolean, choice
 from .base import Projector, orthonormal_columns, register_projector, unit_gaussian_scale
 
 
@@ -22,13 +22,19 @@ class RandomProjector(Projector):
     N(0, 1/r), so E[P P^T] = I as in a Johnson-Lindenstrauss sketch); ``stream`` =
     ``"seeded"`` (default: one generator per (parameter seed, refresh)) or ``"apollo"``
     (``apollo_torch``'s seeds and draws, Gaussian only, for ``ApolloAdamW``'s
-    ``reference_compat``; its chain of seeds is an int ``draw_seed`` in the state).
+    ``reference_compat``; its chain of seeds is an int ``draw_seed`` in the state);
+    ``keep`` = False (default) or True: draw the basis once per refresh and keep it in the
+    state (``left``/``right``, as the SVD projector's), trading the basis's memory for the
+    draw at every step (a Gaussian draw is a large share of APOLLO's step; see
+    docs/methods/apollo.md).  The bases are the same either way.
     """
 
     name = "random"
     refresh_reads_gradient = False  # a seeded draw: no communication under FSDP2
-    option_defaults = {"distribution": "orthonormal", "stream": "seeded"}
-    option_checks = {"distribution": choice("orthonormal", "gaussian"), "stream": choice("seeded", "apollo")}
+    option_defaults = {"distribution": "orthonormal", "stream": "seeded", "keep": False}
+    option_checks = {
+        "distribution": choice("orthonormal", "gaussian"), "stream": choice("seeded", "apollo"), "keep": boolean(),
+    }
 
     @classmethod
     def validate_options(cls, owner: str, options, where: str) -> None:
@@ -60,8 +66,17 @@ class RandomProjector(Projector):
             pstate["draw_seed"] = pstate["seed"] + 1 if pstate["refreshes"] == 0 else _successor(pstate["draw_seed"])
         pstate["age"] = 0
         pstate["refreshes"] += 1
+        if self.keep:  # drawn once for the T steps until the next refresh
+            for key, basis in zip(("left", "right"), self._draw_bases(pstate, grad)):
+                if basis is not None:
+                    pstate[key] = basis
 
     def bases(self, pstate: dict, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.keep:
+            return tuple(None if b is None else b.to(like.dtype) for b in (pstate.get("left"), pstate.get("right")))
+        return self._draw_bases(pstate, like)
+
+    def _draw_bases(self, pstate: dict, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         m, n = pstate["shape"]
         device, dtype = like.device, like.dtype
         want_left, want_right = self.sides(pstate)
@@ -82,6 +97,11 @@ class RandomProjector(Projector):
         if self.distribution == "orthonormal":
             return orthonormal_columns(sample)
         return sample * unit_gaussian_scale(rank)
+
+    def state_bytes(self, shape, width: int) -> int:
+        if self.keep:
+            return super().state_bytes(shape, width)  # the kept basis, as the SVD projector's
+        return 0  # seeds and counts (Python ints): the basis is redrawn when used, never kept
 
 
 @register_projector

@@ -1,4 +1,4 @@
-"""Exact truncated SVD projector: GaLore's original subspace (METHODS.md section 1)."""
+"""Exact truncated SVD projector: GaLore's original subspace (docs/methods/galore.md#update-rule)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
-r"""INT8 weights with stochastic rounding: Q-GaLore's weight storage (METHODS.md section 2).
+r"""INT8 weights with stochastic rounding: Q-GaLore's weight storage
+(docs/methods/qgalore.md#int8-weights-with-stochastic-rounding).
 
 A target ``nn.Linear`` becomes an :class:`Int8Linear` whose ``weight`` is a uint8
 parameter (one code per element) with a per-group fp32 scale and uint8 zero point
