@@ -35,13 +35,34 @@ def cuda_extensions():
             "setup.py: LOWRANK_OPTIM_BUILD_EXT=1 needs a CUDA toolkit and a CUDA build of torch "
             f"(CUDA_HOME={CUDA_HOME}, torch.version.cuda={torch.version.cuda})"
         )
+    # cuBLAS/cuSOLVER/cuSPARSE from CUDA_HOME, else from torch's NVIDIA wheels (a minimal
+    # toolkit has nvcc but not them).  The helper is loaded by path: importing the package
+    # here would import its ops before the build.
+    flags = _toolkit().build_flags(CUDA_HOME, torch.version.cuda)
+    if flags.missing:
+        if mode == "1":
+            raise RuntimeError("setup.py: LOWRANK_OPTIM_BUILD_EXT=1 but the build lacks " + "; ".join(flags.missing))
+        return [], {}
     ext = CUDAExtension(
         "lowrank_optim._C",  # a plain library loaded by lowrank_optim/kernels/extension.py
         sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},  # torch picks the C++ standard its headers need (C++20 in 2.13)
-        libraries=["cublas", "cusolver"],  # the batched randomized SVD calls them directly
+        # torch picks the C++ standard its headers need (C++20 in 2.13)
+        extra_compile_args={"cxx": ["-O3", *flags.cxx], "nvcc": ["-O3"]},
+        libraries=flags.libraries,  # the batched randomized SVD calls cuBLAS and cuSOLVER directly
+        extra_link_args=flags.link,
     )
     return [ext], {"build_ext": BuildExtension}
+
+
+def _toolkit():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("_lowrank_optim_toolkit", HERE / "lowrank_optim" / "kernels" / "toolkit.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 ext_modules, cmdclass = cuda_extensions()

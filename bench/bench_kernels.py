@@ -27,11 +27,13 @@ measured in the same process.
    exact SVD and, for the others, as the worst ratio to it over the batch.  The gradients
    are ``bench_galore.gradient_like`` (power-law spectrum plus noise, no gap at r) built for
    the largest rank of the run, so all ranks see the same matrices.
-2. **INT4 projection** (Q-GaLore's basis): the fused ``int4_project`` /
-   ``int4_project_back`` ops against dequantizing the whole basis in PyTorch
+2. **INT4 projection** (Q-GaLore's basis): the fused ``int4_project_fused`` /
+   ``int4_project_back_fused`` ops against dequantizing the whole basis in PyTorch
    (``kernels/reference.int4_dequantize``) and then ``matmul`` in the gradient's dtype, with
-   the basis quantized at group size 256 on the side GaLore's ``std`` rule picks.  On CPU the
-   op is the default kernel, which also dequantizes first: expect a ratio near 1 there.
+   the basis quantized at group size 256 on the side GaLore's ``std`` rule picks; and the
+   public ``int4_project`` / ``int4_project_back``, which on CUDA run whichever of the fused
+   product and dequantize + matmul they measured faster (``auto picked``; kernels/int4.py).
+   On CPU every op is the default kernel, which also dequantizes first: expect ratios near 1.
 3. **Small SVD of the randomized SVD** (why the kernel factors B^T = Q_B R_B and takes the SVD
    of the k x k R_B): time and orthonormality error ||V^T V - I||_max of the rows of V^T
    from that path, from ``torch.linalg.svd`` of B directly and from ``eigh`` of B B^T, on
@@ -56,7 +58,8 @@ from bench_galore import (
 )
 
 import lowrank_optim  # noqa: F401  (registers the ops, loads the extension)
-from lowrank_optim.kernels import extension, reference
+from lowrank_optim.kernels import extension, int4, reference
+from lowrank_optim.kernels.int4 import Int4Basis
 from lowrank_optim.kernels import rsvd as rsvd_kernel
 from lowrank_optim.projectors.base import LEFT, choose_side
 from lowrank_optim.projectors.rsvd import sketch_matrix
@@ -64,7 +67,7 @@ from lowrank_optim.projectors.rsvd import sketch_matrix
 OVERSAMPLE, POWER_ITERS = 8, 2
 INT4_GROUP_SIZE = 256
 
-#: hidden size and MLP intermediate size of the LLaMA models in the GaLore paper (METHODS.md).
+#: hidden size and MLP intermediate size of the LLaMA models in the GaLore paper (docs/methods/galore.md).
 MODELS = {"1b": (2048, 5461), "7b": (4096, 11008)}
 #: Not a paper model: ``--quick`` shapes, LLaMA's proportions at 1/8 of 1B.
 QUICK_MODEL = {"quick": (256, 683)}
@@ -193,15 +196,21 @@ def bench_int4(models: dict, ranks: list[int], dtypes: list[torch.dtype], repeat
                         flat = reference.int4_dequantize(packed, scales, zeros, rows_ * cols_, INT4_GROUP_SIZE, dtype)
                         return flat.view(rows_, cols_)
 
-                    def fused(grad=grad, low=low, out=out):
-                        out["fused"] = (torch.ops.lowrank_optim.int4_project(grad, *args),
-                                        torch.ops.lowrank_optim.int4_project_back(low, *args))
+                    def fused(grad=grad, low=low, out=out, args=args):
+                        out["fused"] = (torch.ops.lowrank_optim.int4_project_fused(grad, *args),
+                                        torch.ops.lowrank_optim.int4_project_back_fused(low, *args))
 
                     def dequant_matmul(grad=grad, low=low, out=out, dense_basis=dense_basis):
                         b = dense_basis()
                         out["peer"] = (b.t() @ grad if left else grad @ b.t(), b @ low if left else low @ b)
 
-                    samples = time_contenders({"fused": fused, "dequantize+matmul": dequant_matmul}, repeats, sync)
+                    def public_op(grad=grad, low=low, out=out, args=args):  # fused or dequantize + matmul, as measured
+                        out["op"] = (torch.ops.lowrank_optim.int4_project(grad, *args),
+                                     torch.ops.lowrank_optim.int4_project_back(low, *args))
+
+                    samples = time_contenders(
+                        {"fused": fused, "dequantize+matmul": dequant_matmul, "op (auto)": public_op}, repeats, sync
+                    )
                     errors = [
                         float((f.float() - p.float()).norm() / p.float().norm())
                         for f, p in zip(out["fused"], out["peer"])
@@ -210,14 +219,27 @@ def bench_int4(models: dict, ranks: list[int], dtypes: list[torch.dtype], repeat
                         "model": model, "shape": label, "m": m, "n": n, "rank": rank, "side": "left" if left else "right",
                         "dtype": str(dtype).replace("torch.", ""), "samples_s": samples,
                         "times_s": {k: median(v) for k, v in samples.items()}, "relative_difference": max(errors),
+                        "auto_paths": auto_paths(grad, low, Int4Basis(*args)),
                     })
                     print(int4_row(rows[-1]), flush=True)
     return rows
 
 
+def auto_paths(grad: torch.Tensor, low: torch.Tensor, basis: Int4Basis) -> str:
+    """The paths the public ops chose for this case's project and project back (kernels/int4.py)."""
+    if grad.device.type != "cuda":
+        return "default kernel"
+    found = []
+    for dense, back in ((grad, False), (low, True)):
+        decision = int4.CHOOSER.decisions.get(int4.shape_class(dense, basis, back))
+        found.append(decision.path if decision is not None else ("fused" if int4.requested_path() == "fused" else "?"))
+    return "/".join(found)
+
+
 INT4_HEADER = (
     "| model | shape | m x n | basis side | rank | dtype | fused project+back (ms) "
-    "| dequantize+matmul (ms) | peer / fused | relative difference |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| dequantize+matmul (ms) | peer / fused | op, auto (ms) | auto picked (project/back) | relative difference |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -226,7 +248,8 @@ def int4_row(row: dict) -> str:
     return (
         f"| {row['model']} | {row['shape']} | {row['m']}x{row['n']} | {row['side']} | {row['rank']} | {row['dtype']} "
         f"| {1e3 * t['fused']:.2f} | {1e3 * t['dequantize+matmul']:.2f} "
-        f"| {t['dequantize+matmul'] / t['fused']:.2f}x | {row['relative_difference']:.1e} |"
+        f"| {t['dequantize+matmul'] / t['fused']:.2f}x | {1e3 * t['op (auto)']:.2f} | {row['auto_paths']} "
+        f"| {row['relative_difference']:.1e} |"
     )
 
 
@@ -268,7 +291,7 @@ def small_svd_table(row: dict) -> str:
 def kernels_in_use(device: torch.device) -> str:
     """Which implementation the ops run here: the numbers mean little without it."""
     if device.type == "cuda" and extension.extension_loaded():
-        compiled = [name for name in ("batched_randomized_svd", "int4_project", "int4_project_back")
+        compiled = [name for name in ("batched_randomized_svd", "int4_project_fused", "int4_project_back_fused")
                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"lowrank_optim::{name}", "CUDA")]
         return f"compiled CUDA kernels for {', '.join(compiled) or 'no op'}; default kernels for the rest"
     return "default (pure-PyTorch) kernels" + (" (the CUDA extension is not loaded)" if device.type == "cuda" else "")
@@ -293,10 +316,20 @@ def verdicts(rsvd_rows: list[dict], int4_rows: list[dict]) -> list[str]:
             f"PyTorch path (target 1.5x), energy {row['energy_ratio_min']['ours']:.5f} of exact"
         )
     for row in int4_rows:
-        speedup = row["times_s"]["dequantize+matmul"] / row["times_s"]["fused"]
+        t = row["times_s"]
+        speedup = t["dequantize+matmul"] / t["fused"]
         lines.append(
             f"- [{'pass' if speedup >= 1.5 else 'FAIL'}] int4 {row['model']} {row['shape']} r={row['rank']} "
-            f"{row['dtype']}: {speedup:.2f}x dequantize+matmul (target 1.5x)"
+            f"{row['dtype']}: fused {speedup:.2f}x dequantize+matmul (target 1.5x)"
+        )
+        if row["auto_paths"] == "default kernel":  # CPU: all three run the same default kernel
+            continue
+        # The public op must never be slower than the faster path by more than timing noise.
+        best = min(t["fused"], t["dequantize+matmul"])
+        lines.append(
+            f"- [{'pass' if t['op (auto)'] <= 1.15 * best else 'FAIL'}] int4 auto {row['model']} {row['shape']} "
+            f"r={row['rank']} {row['dtype']}: the op takes {t['op (auto)'] / best:.2f}x the faster path "
+            f"(picked {row['auto_paths']}; bound 1.15x)"
         )
     return lines
 

@@ -1,8 +1,8 @@
 // INT4 basis storage for Q-GaLore: pack, unpack, quantize, dequantize, and the fused
 // dequantize-and-project (P^T G, G Q^T) with its project-back (P N, N Q).
 //
-// No torch header here (DESIGN.md: CI compiles every .cu with the plain nvcc next to a CPU
-// wheel of torch): the kernels take raw pointers and a cudaStream_t; csrc/int4_ops.cpp checks
+// No torch header here (csrc/README.md: CI compiles every .cu with the plain nvcc next to a
+// CPU wheel of torch): the kernels take raw pointers and a cudaStream_t; csrc/int4_ops.cpp checks
 // the tensors and registers these launchers as the CUDA kernels of the lowrank_optim ops.
 //
 // Layout (lowrank_optim/kernels/reference.py): a tensor is flattened, cut into groups of

@@ -179,6 +179,9 @@ TORCH_LIBRARY_IMPL(lowrank_optim, CUDA, m) {
   m.impl("int4_unpack", &int4_unpack_cuda);
   m.impl("int4_quantize", &int4_quantize_cuda);
   m.impl("int4_dequantize", &int4_dequantize_cuda);
-  m.impl("int4_project", &int4_project_cuda);
-  m.impl("int4_project_back", &int4_project_back_cuda);
+  // The fused products register under the *_fused ops: the public int4_project and
+  // int4_project_back run them or dequantize + cuBLAS, whichever measured faster
+  // (lowrank_optim/kernels/int4.py), since these tiles use no tensor cores.
+  m.impl("int4_project_fused", &int4_project_cuda);
+  m.impl("int4_project_back_fused", &int4_project_back_cuda);
 }

@@ -31,6 +31,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 
 namespace lowrank_optim {
 namespace cuda {
@@ -94,6 +95,23 @@ void check_cuda(cudaError_t status, const char* call) {
   if (status != cudaSuccess) throw LibraryFailure(std::string(call) + ": " + cudaGetErrorString(status));
 }
 
+// This thread's cuSOLVER handle for the current device, bound to `stream`.  Not ATen's
+// at::cuda::getCurrentCUDASolverDnHandle(): the PyPI wheels of torch define it in
+// libtorch_cuda_linalg.so, which torch loads only at its first CUDA linear-algebra call, so
+// a library that calls it fails to load before then (undefined symbol; found by
+// csrc/check_build.sh).  One handle per thread and device, as ATen keeps them, created on
+// first use and deliberately never destroyed: a thread_local destructor may run after the
+// CUDA context is gone at exit, and a handle is a few kilobytes.
+cusolverDnHandle_t solver_handle(cudaStream_t stream) {
+  thread_local std::unordered_map<int, cusolverDnHandle_t> handles;
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  cusolverDnHandle_t& handle = handles[device];
+  if (handle == nullptr) check_solver(cusolverDnCreate(&handle), "cusolverDnCreate");
+  check_solver(cusolverDnSetStream(handle, stream), "cusolverDnSetStream");
+  return handle;
+}
+
 // The handles of the current device and stream.  ATen shares the cuBLAS handle and sets its
 // math mode per call; this call wants plain fp32 (no TF32) and host-side scalars, and puts
 // the handle back as it found it.
@@ -101,8 +119,8 @@ class Libraries {
  public:
   Libraries()
       : blas(at::cuda::getCurrentCUDABlasHandle()),
-        solver(at::cuda::getCurrentCUDASolverDnHandle()),
-        stream(at::cuda::getCurrentCUDAStream()) {
+        stream(at::cuda::getCurrentCUDAStream()),
+        solver(solver_handle(stream)) {
     check_blas(cublasGetMathMode(blas, &saved_math_), "cublasGetMathMode");
     check_blas(cublasGetPointerMode(blas, &saved_pointer_), "cublasGetPointerMode");
     check_blas(cublasSetMathMode(blas, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
@@ -116,8 +134,8 @@ class Libraries {
   Libraries& operator=(const Libraries&) = delete;
 
   cublasHandle_t blas;
+  cudaStream_t stream;  // before `solver`, which is bound to it in the initializer list
   cusolverDnHandle_t solver;
-  cudaStream_t stream;
 
  private:
   cublasMath_t saved_math_ = CUBLAS_DEFAULT_MATH;

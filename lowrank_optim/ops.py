@@ -20,9 +20,12 @@ Schemas (flat layouts; ``numel`` is the true element count, groups are padded):
   dtype) -> Tensor``.
 - ``int4_project(Tensor grad, Tensor packed, Tensor scales, Tensor zeros, int rows, int cols,
   int group_size, bool left) -> Tensor``: P^T G (``left``, basis P is rows x cols = m x r) or
-  G Q^T (basis Q is r x n) against an INT4-stored basis; fp32 accumulation, ``grad``'s dtype.
-- ``int4_project_back(Tensor low, Tensor packed, Tensor scales, Tensor zeros, int rows, int
-  cols, int group_size, bool left) -> Tensor``: P N (``left``) or N Q.
+  G Q^T (basis Q is r x n) against an INT4-stored basis (:class:`~lowrank_optim.kernels.int4.Int4Basis`
+  flattened); fp32 accumulation, ``grad``'s dtype.
+- ``int4_project_back(Tensor low, <the same basis>) -> Tensor``: P N (``left``) or N Q.
+- ``int4_project_fused``, ``int4_project_back_fused``: the same products, always by the fused
+  kernel where a device has one (CUDA); ``int4_project``/``int4_project_back`` on CUDA run the
+  fused op or dequantize + matmul, whichever measured faster (:mod:`lowrank_optim.kernels.int4`).
 
 The compiled extension (``lowrank_optim._C``, see :mod:`lowrank_optim.kernels.extension`
 and docs/kernels.md) is loaded at the end of this module.
@@ -31,7 +34,8 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import reference
+from .kernels import int4, reference
+from .kernels.int4 import Int4Basis
 
 NAMESPACE = "lowrank_optim"
 
@@ -116,44 +120,42 @@ def _(codes, scales, zeros, group_size, dtype):
     return codes.new_empty(codes.shape, dtype=dtype)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::int4_project", mutates_args=())
-def int4_project(
-    grad: torch.Tensor,
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    rows: int,
-    cols: int,
-    group_size: int,
-    left: bool,
-) -> torch.Tensor:
-    return reference.int4_project(grad, packed, scales, zeros, rows, cols, group_size, left)
+# ---------------------------------------------------------------------------- INT4 products
+# Four ops with one schema: the public products, whose CUDA kernel picks the faster of the
+# fused product and dequantize + matmul (kernels/int4.py), and the fused products, whose
+# CUDA kernel is the extension's (or Triton's, when registered).  Everywhere else all four
+# run the default kernel.  The record kernels pass around (Int4Basis) is flattened here,
+# at the op boundary, since a custom op takes flat tensors and ints.
+def _int4_product_op(name: str, dense: str, back: bool):
+    def default(x, packed, scales, zeros, rows, cols, group_size, left):
+        return reference.int4_product(x, Int4Basis(packed, scales, zeros, rows, cols, group_size, left), back)
+
+    def fake(x, packed, scales, zeros, rows, cols, group_size, left):
+        return x.new_empty(int4.output_shape(x.shape, Int4Basis(packed, scales, zeros, rows, cols, group_size, left), back))
+
+    schema = (
+        f"(Tensor {dense}, Tensor packed, Tensor scales, Tensor zeros, SymInt rows, SymInt cols, "
+        "SymInt group_size, bool left) -> Tensor"
+    )
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", default, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+    return op
 
 
-@int4_project.register_fake
+int4_project = _int4_product_op("int4_project", "grad", back=False)
+int4_project_back = _int4_product_op("int4_project_back", "low", back=True)
+int4_project_fused = _int4_product_op("int4_project_fused", "grad", back=False)
+int4_project_back_fused = _int4_product_op("int4_project_back_fused", "low", back=True)
+
+
+@int4_project.register_kernel("cuda")
 def _(grad, packed, scales, zeros, rows, cols, group_size, left):
-    shape = (cols, grad.shape[1]) if left else (grad.shape[0], rows)
-    return grad.new_empty(shape)
+    return int4.product(grad, Int4Basis(packed, scales, zeros, rows, cols, group_size, left), back=False)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::int4_project_back", mutates_args=())
-def int4_project_back(
-    low: torch.Tensor,
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    rows: int,
-    cols: int,
-    group_size: int,
-    left: bool,
-) -> torch.Tensor:
-    return reference.int4_project_back(low, packed, scales, zeros, rows, cols, group_size, left)
-
-
-@int4_project_back.register_fake
+@int4_project_back.register_kernel("cuda")
 def _(low, packed, scales, zeros, rows, cols, group_size, left):
-    shape = (rows, low.shape[1]) if left else (low.shape[0], cols)
-    return low.new_empty(shape)
+    return int4.product(low, Int4Basis(packed, scales, zeros, rows, cols, group_size, left), back=True)
 
 
 # ---------------------------------------------------------------------------- randomized SVD

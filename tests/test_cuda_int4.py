@@ -17,6 +17,7 @@ import torch
 import lowrank_optim.ops  # noqa: F401  (registers the ops and loads the extension)
 from lowrank_optim.kernels import reference
 from lowrank_optim.kernels.extension import DISABLE_ENV, extension_loaded
+from lowrank_optim.kernels.int4 import Int4Basis
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -79,38 +80,60 @@ def _stored_basis(rows, cols, group_size, seed):
 PROJECTION_SHAPES = [(1, 1, 1), (17, 5, 3), (65, 129, 7), (257, 17, 64), (130, 300, 65)]
 
 
+# The fused kernel itself, and the public op, which runs it or dequantize + cuBLAS.
+PRODUCTS = {"fused": ("int4_project_fused", "int4_project_back_fused"), "public": ("int4_project", "int4_project_back")}
+
+
+@pytest.mark.parametrize("ops", sorted(PRODUCTS))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group_size", [256, 7])
 @pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
 @pytest.mark.parametrize("m, n, r", PROJECTION_SHAPES)
-def test_fused_projection_matches_the_default(m, n, r, left, group_size, dtype):
-    stored = _stored_basis(*((m, r) if left else (r, n)), group_size, seed=m + n + r)
+def test_fused_projection_matches_the_default(m, n, r, left, group_size, dtype, ops):
+    project, project_back = (getattr(OPS, name) for name in PRODUCTS[ops])
+    basis = Int4Basis(*_stored_basis(*((m, r) if left else (r, n)), group_size, seed=m + n + r), left)
     gen = torch.Generator().manual_seed(m * n)
     grad = torch.randn(m, n, generator=gen).to(dtype).cuda()
-    low = OPS.int4_project(grad, *stored, left)
-    expected = reference.int4_project(grad, *stored, left)
+    low = project(grad, *basis)
+    expected = reference.int4_product(grad, basis, back=False)
     # Both accumulate in fp32; only the summation order differs (then one output rounding).
-    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    # The public op may take dequantize + matmul in bf16/fp16, which rounds the basis too.
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     assert low.dtype == dtype and low.shape == expected.shape
     torch.testing.assert_close(low, expected, **tol)
     coords = torch.randn(expected.shape, generator=gen).to(dtype).cuda()
-    full = OPS.int4_project_back(coords, *stored, left)
-    torch.testing.assert_close(full, reference.int4_project_back(coords, *stored, left), **tol)
+    full = project_back(coords, *basis)
+    torch.testing.assert_close(full, reference.int4_product(coords, basis, back=True), **tol)
+
+
+def test_the_public_op_records_a_measured_choice_per_shape_class(monkeypatch):
+    """On the first call of a shape class both paths are timed and the faster one is kept."""
+    from lowrank_optim.kernels import int4
+
+    monkeypatch.delenv(int4.PATH_ENV, raising=False)
+    monkeypatch.setattr(int4, "CHOOSER", int4.ProductChooser())
+    basis = Int4Basis(*_stored_basis(256, 32, 256, seed=11), True)
+    grad = torch.randn(256, 512, device="cuda")
+    OPS.int4_project(grad, *basis)
+    (decision,) = int4.CHOOSER.decisions.values()
+    assert decision.path in int4.PATHS and set(decision.seconds) == set(int4.PATHS)
+    assert all(seconds > 0 for seconds in decision.seconds.values())
 
 
 def test_fused_projection_of_a_non_contiguous_fp64_gradient():
     """Other dtypes run in fp32 and come back in theirs, as the default kernel does."""
     stored = _stored_basis(33, 6, 64, seed=5)
     grad = torch.randn(40, 33, dtype=torch.float64).cuda().t()
-    low = OPS.int4_project(grad, *stored, True)
+    low = OPS.int4_project_fused(grad, *stored, True)
     assert low.dtype == torch.float64
-    torch.testing.assert_close(low, reference.int4_project(grad, *stored, True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(low, reference.int4_product(grad, Int4Basis(*stored, True), False), rtol=1e-5, atol=1e-5)
 
 
 def test_mismatched_shapes_raise_value_errors():
     stored = _stored_basis(17, 5, 64, seed=6)
-    with pytest.raises(ValueError, match="does not match"):
-        OPS.int4_project(torch.randn(16, 4, device="cuda"), *stored, True)
+    for op in (OPS.int4_project, OPS.int4_project_fused):
+        with pytest.raises(ValueError, match="does not match"):
+            op(torch.randn(16, 4, device="cuda"), *stored, True)
 
 
 def _cuda_op_cases():
@@ -124,10 +147,13 @@ def _cuda_op_cases():
         "int4_dequantize": ("int4_dequantize", (packed, scales, zeros, x.numel(), 64, torch.bfloat16)),
         "int4_project": ("int4_project", (torch.randn(17, 9, device="cuda"), *stored, True)),
         "int4_project_back": ("int4_project_back", (torch.randn(4, 17, device="cuda"), *stored, False)),
+        "int4_project_fused": ("int4_project_fused", (torch.randn(17, 9, device="cuda"), *stored, True)),
+        "int4_project_back_fused": ("int4_project_back_fused", (torch.randn(4, 17, device="cuda"), *stored, False)),
     }
 
 
-CUDA_OPS = ["int4_pack", "int4_unpack", "int4_quantize", "int4_dequantize", "int4_project", "int4_project_back"]
+CUDA_OPS = ["int4_pack", "int4_unpack", "int4_quantize", "int4_dequantize", "int4_project", "int4_project_back",
+            "int4_project_fused", "int4_project_back_fused"]
 
 
 @pytest.mark.parametrize("case", CUDA_OPS)  # the cases need a GPU: built in the test, not at collection

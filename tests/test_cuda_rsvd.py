@@ -113,6 +113,6 @@ def test_projector_batch_on_cuda_equals_one_call_per_parameter():
     projector = RandomizedSVDProjector(4, "std", 10)
     matrices = [gradient_like(1, 40, 24, 0.85, seed=s)[0] for s in range(3)]
     states = [projector.init_state(torch.Size((40, 24)), seed=s) for s in range(3)]
-    for matrix, state, bases in zip(matrices, states, projector.compute_bases_batch(matrices, states)):
+    for matrix, state, bases in zip(matrices, states, projector.compute_bases_many(matrices, states)):
         single = projector.compute_bases(matrix, state)
         torch.testing.assert_close(bases["right"].mT @ bases["right"], single["right"].mT @ single["right"], atol=1e-4, rtol=0)

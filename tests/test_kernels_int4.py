@@ -14,6 +14,7 @@ import torch
 
 import lowrank_optim.ops  # noqa: F401  (registers torch.ops.lowrank_optim)
 from lowrank_optim.kernels import extension
+from lowrank_optim.kernels.int4 import Int4Basis
 from lowrank_optim.quant import dequantize_int4, quantize_int4
 
 OPS = torch.ops.lowrank_optim
@@ -78,6 +79,8 @@ def _op_cases():
             "int4_project_back",
             (torch.randn(4, 5).bfloat16(), *_basis(5, 17, seed=3)[0], False),
         ),
+        "int4_project_fused_left": ("int4_project_fused", (grad, *stored, True)),
+        "int4_project_back_fused_right": ("int4_project_back_fused", (torch.randn(4, 5), *_basis(5, 17, seed=3)[0], False)),
     }
 
 
@@ -227,14 +230,15 @@ def test_interpreted_triton_kernel_matches_the_default(triton_int4, m, n, r, lef
     stored, _ = _basis(*((m, r) if left else (r, n)), seed=r + 7)
     # A transposed gradient: the kernel reads strides, no copy.
     grad = torch.randn(n, m, generator=gen).to(dtype).t()
-    low = triton_int4.int4_project(grad, *stored, left)
-    expected = OPS.int4_project(grad, *stored, left)
+    basis = Int4Basis(*stored, left)
+    low = triton_int4.product(grad, basis, back=False)
+    expected = OPS.int4_project(grad, *basis)
     assert low.dtype == dtype and low.shape == expected.shape
     torch.testing.assert_close(low, expected, **_tolerance(dtype))
     coords = torch.randn(expected.shape, generator=gen).to(dtype)
     torch.testing.assert_close(
-        triton_int4.int4_project_back(coords, *stored, left),
-        OPS.int4_project_back(coords, *stored, left),
+        triton_int4.product(coords, basis, back=True),
+        OPS.int4_project_back(coords, *basis),
         **_tolerance(dtype),
     )
 
@@ -242,4 +246,4 @@ def test_interpreted_triton_kernel_matches_the_default(triton_int4, m, n, r, lef
 def test_interpreted_triton_kernel_rejects_a_mismatched_basis(triton_int4):
     stored, _ = _basis(17, 5, seed=8)
     with pytest.raises(ValueError, match="does not match the 17x5 basis"):
-        triton_int4.int4_project(torch.randn(16, 4), *stored, True)
+        triton_int4.product(torch.randn(16, 4), Int4Basis(*stored, True), back=False)

@@ -154,7 +154,7 @@ def test_projector_batch_equals_one_compute_bases_per_parameter(proj_type):
     matrices = [with_spectrum(*s, 0.8 ** torch.arange(12.0), seed=i) for i, s in enumerate(shapes)]
     states = [projector.init_state(torch.Size(s), seed=7 + i) for i, s in enumerate(shapes)]
     states[2]["refreshes"] = 3  # a later refresh draws another Omega from the same seed
-    batched = projector.compute_bases_batch(matrices, states)
+    batched = projector.compute_bases_many(matrices, states)
     for matrix, state, bases in zip(matrices, states, batched):
         single = projector.compute_bases(matrix, state)
         assert bases.keys() == single.keys()
@@ -176,7 +176,7 @@ def test_projector_draws_omega_from_the_parameters_generator():
 def test_projector_batch_rejects_mismatched_lists():
     projector = RandomizedSVDProjector(2)
     with pytest.raises(ValueError, match="RandomizedSVDProjector: 2 matrices but 1 states"):
-        projector.compute_bases_batch([gaussian(4, 4), gaussian(4, 4)], [projector.init_state(torch.Size((4, 4)), 0)])
+        projector.compute_bases_many([gaussian(4, 4), gaussian(4, 4)], [projector.init_state(torch.Size((4, 4)), 0)])
 
 
 # ---------------------------------------------------------------- the optimizer batches refreshes
@@ -202,13 +202,13 @@ def _rsvd_run(batch, steps=5, poison=None):
 
 def test_optimizer_refreshes_same_shaped_matrices_in_one_call_per_chunk(monkeypatch):
     calls = []
-    original = RandomizedSVDProjector.compute_bases_batch
+    original = RandomizedSVDProjector._refresh_chunk
 
-    def counting(self, matrices, pstates):
+    def counting(self, matrices, pstates, rank, device):
         calls.append(len(matrices))
-        return original(self, matrices, pstates)
+        return original(self, matrices, pstates, rank, device)
 
-    monkeypatch.setattr(RandomizedSVDProjector, "compute_bases_batch", counting)
+    monkeypatch.setattr(RandomizedSVDProjector, "_refresh_chunk", counting)
     _rsvd_run(batch=2, steps=1)
     # five 24x10 matrices in chunks of 2, 2, 1 and the lone 9x30 matrix.
     assert sorted(calls) == [1, 1, 2, 2]

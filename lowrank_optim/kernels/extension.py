@@ -9,6 +9,9 @@ every other device keeps the default.  Callers never see which kernel ran.
 :mod:`lowrank_optim.ops` calls :func:`load_extension` once, at import:
 
 * ``LOWRANK_OPTIM_DISABLE_EXT=1`` skips it (the default kernels run everywhere);
+* ``LOWRANK_OPTIM_EXT_PATH=/path/to/library.so`` loads that library instead of the installed
+  ``lowrank_optim._C`` (what :func:`build_jit` returns; ``bench/gpu_check.sh`` builds once
+  and hands the path to every later process this way);
 * no extension on a machine without a usable CUDA device: silence, nothing to speed up;
 * no extension on a CUDA machine, or an extension that fails to load (built against another
   torch, a missing cuBLAS): one ``RuntimeWarning`` naming the error and the fix, then the
@@ -28,6 +31,8 @@ import torch
 
 #: Setting this environment variable to 1 keeps the extension unloaded.
 DISABLE_ENV = "LOWRANK_OPTIM_DISABLE_EXT"
+#: A built library to load instead of the installed ``lowrank_optim._C`` (e.g. build_jit's).
+PATH_ENV = "LOWRANK_OPTIM_EXT_PATH"
 MODULE = "lowrank_optim._C"
 #: The sources of a source checkout (absent from a wheel, which ships the built library).
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -50,7 +55,11 @@ def disabled() -> bool:
 
 
 def _library_path() -> str | None:
-    """Where setup.py put the built library, without importing it (it is no Python module)."""
+    """The library to load: ``LOWRANK_OPTIM_EXT_PATH`` when set, else where setup.py put
+    ``lowrank_optim._C``, found without importing it (it is no Python module)."""
+    explicit = os.environ.get(PATH_ENV, "").strip()
+    if explicit:
+        return explicit  # a missing file fails in the load, with the one warning
     try:
         spec = importlib.util.find_spec(MODULE)
     except (ImportError, ValueError):
@@ -97,33 +106,47 @@ def load_extension() -> bool:
     try:
         _load_library(path)
     except (OSError, RuntimeError, ImportError) as err:
-        _warn(f"the CUDA extension {path} failed to load ({type(err).__name__}: {err})")
+        # torch.ops.load_library re-raises the loader's error as a bare "Could not load this
+        # library"; the cause holds what matters (an undefined symbol, a missing libcublas).
+        cause = f"; {err.__cause__}" if err.__cause__ is not None else ""
+        _warn(f"the CUDA extension {path} failed to load ({type(err).__name__}: {err}{cause})")
         return False
     _state["loaded"] = True
     return True
 
 
-def build_jit(verbose: bool = False) -> None:
-    """Compile ``csrc/`` with ``torch.utils.cpp_extension.load`` and register its kernels.
+def build_jit(verbose: bool = False) -> str:
+    """Compile ``csrc/`` with ``torch.utils.cpp_extension.load``, register its kernels in
+    this process and return the path of the built library.
 
-    Needs a source checkout, a CUDA toolkit (``nvcc``) and a CUDA build of torch; the build is
-    cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), so later
-    processes pay only the load.  Call it before the first op call of the process.
+    Needs a source checkout, a CUDA toolkit (``nvcc``) and a CUDA build of torch; cuBLAS,
+    cuSOLVER and cuSPARSE come from the toolkit or, where it lacks them, from torch's NVIDIA
+    wheels (:mod:`lowrank_optim.kernels.toolkit`, as setup.py does).  The build is cached
+    under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) for the
+    architectures in ``TORCH_CUDA_ARCH_LIST`` (default: the visible GPUs').  Another process
+    loads the same library by setting ``LOWRANK_OPTIM_EXT_PATH`` to the returned path.  Call
+    it before the first op call of the process.
     """
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import CUDA_HOME, load
+
+    from .toolkit import build_flags
 
     sources = cuda_sources(CSRC)
     if not sources:
         raise FileNotFoundError(f"no CUDA sources under {CSRC}: build_jit needs a source checkout")
-    load(
+    flags = build_flags(CUDA_HOME, torch.version.cuda)
+    if flags.missing:
+        raise RuntimeError(f"build_jit: the build lacks {'; '.join(flags.missing)} (CUDA_HOME={CUDA_HOME})")
+    path = load(
         name="lowrank_optim_C",
         sources=sources,
-        extra_cflags=["-O3"],  # torch adds the standard its headers need
+        extra_cflags=["-O3", *flags.cxx],  # torch adds the standard its headers need
         extra_cuda_cflags=["-O3"],
         # The randomized SVD launchers call cuBLAS and cuSOLVER directly.
-        extra_ldflags=["-lcublas", "-lcusolver"],
+        extra_ldflags=[*(f"-l{name}" for name in flags.libraries), *flags.link],
         is_python_module=False,  # a plain library: loading it runs the registrations
         verbose=verbose,
     )
     _state["attempted"] = True
     _state["loaded"] = True
+    return str(path)

@@ -1,6 +1,5 @@
 r"""Default pure-PyTorch kernels of the quantization ops (any device; the test oracle),
-and of the INT4 projections (``int4_project``, ``int4_project_back``: dequantize, then an
-fp32 matmul).
+and of the INT4 projections (:func:`int4_product`: dequantize, then an fp32 matmul).
 
 Layout shared by every op: a tensor is flattened, cut into groups of ``group_size``
 contiguous elements, and the last group is padded with zeros to a whole group (every
@@ -8,7 +7,7 @@ group's range is widened to contain 0, so the padding never changes a scale).  T
 element count travels as an explicit ``numel`` argument, so a compiled kernel never has
 to guess it from a padded buffer.
 
-INT4 (Q-GaLore's projection basis, METHODS.md section 2), per group, 15 levels, with
+INT4 (Q-GaLore's projection basis, docs/methods/qgalore.md), per group, 15 levels, with
 l = min(min x, 0) and h = max(max x, 0) (the reference's min and max for a mixed-sign group):
 
 .. math::
@@ -33,6 +32,8 @@ so :math:`E[s(q - z)] = x` exactly; with ``noise`` absent, q = round(x/s) + z.
 from __future__ import annotations
 
 import torch
+
+from .int4 import Int4Basis, dense_product, plan
 
 INT4_LEVELS = 15
 INT8_STEPS = 254
@@ -91,50 +92,20 @@ def int4_dequantize(
     return values.reshape(-1)[:numel].to(dtype)
 
 
-def _int4_basis(packed, scales, zeros, rows: int, cols: int, group_size: int) -> torch.Tensor:
-    """The INT4-stored (rows x cols) basis, dequantized in fp32."""
-    return int4_dequantize(packed, scales, zeros, rows * cols, group_size, torch.float32).view(rows, cols)
+def int4_product(dense: torch.Tensor, basis: Int4Basis, back: bool) -> torch.Tensor:
+    r"""The default kernel of the INT4 projection ops: ``dense`` times the INT4-stored
+    ``basis`` (rows x cols), computed in fp32 and returned in ``dense``'s dtype.
 
-
-def int4_project(
-    grad: torch.Tensor,
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    rows: int,
-    cols: int,
-    group_size: int,
-    left: bool,
-) -> torch.Tensor:
-    r"""Low-rank coordinates of ``grad`` (m x n) in the INT4-stored basis (rows x cols).
-
-    ``left``: the basis is P (m x r) and the result is :math:`P^\top G` (r x n); otherwise it
-    is Q (r x n) and the result is :math:`G Q^\top` (m x r).  Computed in fp32, returned in
-    ``grad``'s dtype.  This default kernel dequantizes the whole basis; the CUDA kernel
+    Project (``back=False``): :math:`P^\top G` (``basis.left``, P is m x r; r x n result) or
+    :math:`G Q^\top` (Q is r x n; m x r result).  Project back: :math:`P N` or :math:`N Q`.
+    This kernel dequantizes the whole basis first; the CUDA kernel of the fused ops
     dequantizes tile by tile and never writes the dense basis to memory.
     """
-    basis = _int4_basis(packed, scales, zeros, rows, cols, group_size)
-    g = grad.float()
-    low = basis.t() @ g if left else g @ basis.t()
-    return low.to(grad.dtype)
-
-
-def int4_project_back(
-    low: torch.Tensor,
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    rows: int,
-    cols: int,
-    group_size: int,
-    left: bool,
-) -> torch.Tensor:
-    r"""Inverse map of :func:`int4_project`: :math:`P N` (``left``, N is r x n) or
-    :math:`N Q` (N is m x r), computed in fp32, returned in ``low``'s dtype."""
-    basis = _int4_basis(packed, scales, zeros, rows, cols, group_size)
-    n = low.float()
-    full = basis @ n if left else n @ basis
-    return full.to(low.dtype)
+    plan(dense.shape, basis, back)  # a mismatched shape is a ValueError, as in every kernel
+    matrix = int4_dequantize(
+        basis.packed, basis.scales, basis.zeros, basis.rows * basis.cols, basis.group_size, torch.float32
+    ).view(basis.rows, basis.cols)
+    return dense_product(dense.float(), matrix, basis.left, back).to(dense.dtype)
 
 
 def int8_quantize(

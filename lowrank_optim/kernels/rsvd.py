@@ -38,7 +38,7 @@ k x k :math:`R_B^\top = U_R \Sigma W^\top`, so :math:`U = Q U_R`, :math:`V^\top 
 Not ``eigh`` of :math:`B B^\top`: the Gram squares the condition number (singular values
 below :math:`\sqrt{u}\,\sigma_1` are lost) and :math:`V^\top = \Sigma^{-1} U_B^\top B`
 divides by them: on a B whose singular values span 1e-4 the rows of V^T it gives are not
-even orthonormal (``python bench/kernels.py --quick`` prints both errors).
+even orthonormal (``python bench/bench_kernels.py --quick`` prints both errors).
 """
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def batched_randomized_svd(
     # B = Q^T A (k x n, wide) through B^T = Q_B R_B: B = R_B^T Q_B^T, and the SVD of the
     # k x k R_B^T = U_R S W^T gives B = U_R S (Q_B W)^T.  LAPACK reduces a wide matrix this
     # way inside gesdd too, but the batched tall QR plus small SVD is faster than a batched
-    # wide SVD (section 3 of bench/kernels.py times both).
+    # wide SVD (section 3 of bench/bench_kernels.py times both).
     q_b, r_b = qr(matrices.mT @ q)
     u_r, _, w_h = torch.linalg.svd(r_b.mT)
     return q @ u_r[..., :rank], w_h[:, :rank] @ q_b.mT

@@ -1,8 +1,8 @@
 r"""Triton kernel of the fused INT4 dequantize-and-project (optional; needs ``triton``).
 
-Same contract as the ``int4_project`` / ``int4_project_back`` ops
-(:mod:`lowrank_optim.kernels.reference`): with the basis stored as INT4 codes in the flat
-group layout, compute
+Same contract as the INT4 product ops (:func:`lowrank_optim.kernels.reference.int4_product`):
+with the basis (:class:`~lowrank_optim.kernels.int4.Int4Basis`) stored as INT4 codes in the
+flat group layout, compute
 
 .. math::
     P^\top G,\quad G Q^\top \quad\text{(project)},\qquad P N,\quad N Q \quad\text{(back)}
@@ -21,14 +21,16 @@ bf16 tensor-core dot, which only the CUDA tests see.
 Where it runs: any CUDA tensor with ``triton`` installed, and CPU tensors under
 ``TRITON_INTERPRET=1`` (set before ``triton`` is imported), which is how the tests check it
 against the default kernel.  It is not registered by default: the compiled extension owns
-the CUDA dispatch key (docs/kernels.md); :func:`register_cuda_kernels` makes these the CUDA
-kernels of the two ops instead, e.g. for a GPU machine without a toolkit to build ``_C``.
+the CUDA dispatch key of the fused ops (docs/kernels.md); :func:`register_cuda_kernels`
+makes these their CUDA kernels instead, e.g. for a GPU machine without a toolkit to build ``_C``.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .int4 import Int4Basis, plan
 
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32
 
@@ -84,51 +86,31 @@ def _int4_gemm_kernel(
     tl.store(out + rm[:, None] * N + rn[None, :], acc, mask=mask_c)
 
 
-def _product(dense, packed, scales, zeros, rows, cols, group_size, left, back) -> torch.Tensor:
-    """The four products of the module docstring as C = A B with (M, N, K)."""
+def product(dense: torch.Tensor, basis: Int4Basis, back: bool) -> torch.Tensor:
+    """The four products of the module docstring (``back``: P N or N Q) as one C = A B."""
     native = dense.dtype in (torch.float32, torch.bfloat16, torch.float16)
     work = dense if native else dense.float()
-    m, n = work.shape
-    # (basis is A, basis transposed, M, N, K), as in csrc/int4.cu.
-    if not back and left:
-        plan = (True, True, cols, n, rows)  # P^T G
-    elif not back:
-        plan = (False, True, m, rows, cols)  # G Q^T
-    elif left:
-        plan = (True, False, rows, n, cols)  # P N
-    else:
-        plan = (False, False, m, cols, rows)  # N Q
-    basis_is_a, transpose, M, N, K = plan
-    inner = m if basis_is_a else n
-    if inner != K:
-        raise ValueError(f"int4 projection: a {m}x{n} input does not match the {rows}x{cols} basis (left={left})")
-    out = torch.empty((M, N), dtype=torch.float32, device=work.device)
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    p = plan(work.shape, basis, back)  # as csrc/int4.cu; ValueError on a mismatched shape
+    out = torch.empty((p.M, p.N), dtype=torch.float32, device=work.device)
+    grid = (triton.cdiv(p.M, BLOCK_M), triton.cdiv(p.N, BLOCK_N))
     _int4_gemm_kernel[grid](
-        work, packed.contiguous(), scales.float().contiguous(), zeros.contiguous(), out,
-        M, N, K, cols, group_size,
+        work, basis.packed.contiguous(), basis.scales.float().contiguous(), basis.zeros.contiguous(), out,
+        p.M, p.N, p.K, basis.cols, basis.group_size,
         work.stride(0), work.stride(1),
-        BASIS_IS_A=basis_is_a, TRANSPOSE_BASIS=transpose,
+        BASIS_IS_A=p.basis_is_a, TRANSPOSE_BASIS=p.transpose,
         DOT_IN_FP32=work.dtype == torch.float32 or not work.is_cuda,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )  # fmt: skip
     return out.to(dense.dtype)
 
 
-def int4_project(grad, packed, scales, zeros, rows: int, cols: int, group_size: int, left: bool) -> torch.Tensor:
-    """:math:`P^\\top G` (``left``) or :math:`G Q^\\top` from the INT4 codes (fp32 accumulation)."""
-    return _product(grad, packed, scales, zeros, rows, cols, group_size, left, back=False)
-
-
-def int4_project_back(low, packed, scales, zeros, rows: int, cols: int, group_size: int, left: bool) -> torch.Tensor:
-    """:math:`P N` (``left``) or :math:`N Q` from the INT4 codes (fp32 accumulation)."""
-    return _product(low, packed, scales, zeros, rows, cols, group_size, left, back=True)
-
-
 def register_cuda_kernels() -> None:
-    """Make these the CUDA kernels of ``int4_project`` / ``int4_project_back`` (opt-in;
-    overrides the default kernel for CUDA tensors through ``torch.library.register_kernel``)."""
+    """Make these the CUDA kernels of the fused ops ``int4_project_fused`` /
+    ``int4_project_back_fused`` (opt-in, through ``torch.library.register_kernel``); the
+    public ``int4_project`` / ``int4_project_back`` then weigh them against dequantize +
+    matmul like the extension's (:mod:`lowrank_optim.kernels.int4`)."""
     from .. import ops
 
-    ops.int4_project.register_kernel("cuda")(int4_project)
-    ops.int4_project_back.register_kernel("cuda")(int4_project_back)
+    for op, back in ((ops.int4_project_fused, False), (ops.int4_project_back_fused, True)):
+        # Flat arguments at the op boundary; the record inside.
+        op.register_kernel("cuda")(lambda dense, *stored, back=back: product(dense, Int4Basis(*stored), back))

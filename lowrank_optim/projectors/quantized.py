@@ -1,4 +1,4 @@
-r"""INT4 projector with lazy, layer-adaptive refresh: Q-GaLore's basis (METHODS.md section 2).
+r"""INT4 projector with lazy, layer-adaptive refresh: Q-GaLore's basis (docs/methods/qgalore.md).
 
 Wraps a dense projector (``inner``: ``svd`` or ``rsvd``).  At a refresh the inner projector
 computes the basis in fp32; only its INT4 quantization is kept (packed codes, two per
@@ -40,7 +40,8 @@ from typing import Any, Mapping
 import torch
 
 from .. import _validate as V
-from ..quant.int4 import dequantize_int4, quantize_int4
+from ..kernels.int4 import Int4Basis
+from ..quant.int4 import quantize_int4
 from .base import REGISTRY, Projector, RefreshFailed, register_projector
 
 #: Inner projectors that compute a dense fp32 basis (what there is to quantize).
@@ -143,48 +144,54 @@ class QuantizedProjector(Projector):
 
     # ------------------------------------------------------------------ projection
     def bases(self, pstate: dict, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        rank, rows, cols = pstate["rank"], pstate["rows"], pstate["cols"]
-        left = right = None
-        if "left_codes" in pstate:
-            left = self._dequantize(pstate, "left", (rows, rank), like.dtype)
-        if "right_codes" in pstate:
-            right = self._dequantize(pstate, "right", (rank, cols), like.dtype)
-        return left, right
+        left, right = (self.stored_basis(pstate, side) for side in ("left", "right"))
+        return (
+            left.dequantize(like.dtype) if left is not None else None,
+            right.dequantize(like.dtype) if right is not None else None,
+        )
 
     def project(self, grad: torch.Tensor, pstate: dict) -> torch.Tensor:
         """P^T G, G Q^T or P^T G Q^T, straight from the INT4 codes."""
         low = grad
         for side in ("left", "right"):
-            if f"{side}_codes" in pstate:
-                low = torch.ops.lowrank_optim.int4_project(low, *self._stored(pstate, side))
+            basis = self.stored_basis(pstate, side)
+            if basis is not None:  # flattened here, at the op boundary
+                low = torch.ops.lowrank_optim.int4_project(low, *basis)
         return low
 
     def project_back(self, low: torch.Tensor, pstate: dict) -> torch.Tensor:
         """P N, N Q or P N Q, straight from the INT4 codes."""
         full = low
         for side in ("left", "right"):
-            if f"{side}_codes" in pstate:
-                full = torch.ops.lowrank_optim.int4_project_back(full, *self._stored(pstate, side))
+            basis = self.stored_basis(pstate, side)
+            if basis is not None:
+                full = torch.ops.lowrank_optim.int4_project_back(full, *basis)
         return full
 
-    def _stored(self, pstate: dict, side: str) -> tuple:
-        """The arguments that describe one stored basis to the INT4 projection ops:
-        (packed, scales, zeros, rows, cols, group_size, left)."""
+    def stored_basis(self, pstate: dict, side: str) -> Int4Basis | None:
+        """The INT4 basis of ``side`` ("left": P, m x r; "right": Q, r x n), or None when
+        that side is not stored.  The state keeps its tensors under ``<side>_codes``,
+        ``<side>_scales`` and ``<side>_zeros`` (the checkpoint format) and the shape as
+        ``rank``, ``rows`` and ``cols``."""
+        if f"{side}_codes" not in pstate:
+            return None
         rank, rows, cols = pstate["rank"], pstate["rows"], pstate["cols"]
         shape = (rows, rank) if side == "left" else (rank, cols)
-        return (
-            pstate[f"{side}_codes"],
-            pstate[f"{side}_scales"],
-            pstate[f"{side}_zeros"],
-            *shape,
-            self.group_size,
-            side == "left",
+        return Int4Basis(
+            pstate[f"{side}_codes"], pstate[f"{side}_scales"], pstate[f"{side}_zeros"], *shape, self.group_size, side == "left"
         )
 
-    def _dequantize(self, pstate: dict, side: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_int4(
-            pstate[f"{side}_codes"], pstate[f"{side}_scales"], pstate[f"{side}_zeros"], shape, self.group_size, dtype
-        )
+    def state_bytes(self, shape, width: int) -> int:
+        """Per stored side of b = rows x cols basis entries: ceil(b / 2) bytes of packed
+        codes, a 4-byte scale and a 1-byte zero point per group; plus the fp32 similarity
+        queue of the lazy refresh (one per matrix)."""
+        pstate = self.init_state(torch.Size(shape), 0)
+        (m, n), rank = shape, pstate["rank"]
+        want_left, want_right = self.sides(pstate)
+        total = 4 * self.queue_size if self.lazy else 0
+        for entries in ((m * rank,) if want_left else ()) + ((rank * n,) if want_right else ()):
+            total += -(-entries // 2) + 5 * -(-entries // self.group_size)
+        return total
 
 
 def leading_vector(left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:

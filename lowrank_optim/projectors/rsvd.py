@@ -26,8 +26,8 @@ class RandomizedSVDProjector(Projector):
     Omega comes from a generator seeded by the parameter's position and the refresh count,
     so every data-parallel rank computes the same basis from the same reduced gradient.
     The work runs in the ``batched_randomized_svd`` op (CholeskyQR2 with a Householder
-    fallback, see :mod:`lowrank_optim.kernels.rsvd`); :meth:`compute_bases_batch` refreshes
-    many parameters in one call.
+    fallback, see :mod:`lowrank_optim.kernels.rsvd`); :meth:`compute_bases_many` refreshes
+    many parameters in one call per chunk of ``batch``.
 
     Options (``projector_args``): ``oversample`` p (default 8), ``power_iters`` q (default 2),
     ``batch`` (default 8): how many same-shaped matrices the optimizer refreshes in one op
@@ -41,52 +41,41 @@ class RandomizedSVDProjector(Projector):
     batches_refresh = True
 
     def compute_bases(self, matrix: torch.Tensor, pstate: dict) -> dict[str, torch.Tensor]:
-        return self.compute_bases_batch([matrix], [pstate])[0]
+        return self.compute_bases_many([matrix], [pstate])[0]
 
-    def compute_bases_batch(self, matrices: list[torch.Tensor], pstates: list[dict]) -> list[dict[str, torch.Tensor]]:
+    def compute_bases_many(self, grads: list[torch.Tensor], pstates: list[dict]) -> list[dict[str, torch.Tensor]]:
         """:meth:`compute_bases` for many parameters refreshing at the same step.
 
-        Matrices of the same shape, rank and device go through one batched op call; each
-        one's Omega is drawn from its own parameter's generator exactly as a single
+        Gradients of the same shape, rank and device go through one batched op call per
+        chunk of ``batch``, each chunk converted to fp32 only while its call runs.  Each
+        matrix's Omega is drawn from its own parameter's generator exactly as a single
         :meth:`compute_bases` would draw it, so the result equals one call per parameter
         (up to the rounding of batched GEMMs).  Returns the bases in the order given.
         """
-        if len(matrices) != len(pstates):
-            raise ValueError(f"{type(self).__name__}: {len(matrices)} matrices but {len(pstates)} states")
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for index, (matrix, pstate) in enumerate(zip(matrices, pstates)):
-            groups[(tuple(matrix.shape), pstate["rank"], matrix.device)].append(index)
-        bases: list[dict[str, torch.Tensor] | None] = [None] * len(matrices)
-        for (_, rank, device), members in groups.items():
-            omegas = [
-                sketch_matrix(
-                    matrices[i].shape, rank, self.oversample,
-                    self.generator(pstates[i]["seed"], pstates[i]["refreshes"], device), device,
-                )
-                for i in members
-            ]
-            u, vh = torch.ops.lowrank_optim.batched_randomized_svd(
-                stack([matrices[i] for i in members]), stack(omegas), rank, self.power_iters
-            )
-            for slot, i in enumerate(members):
-                bases[i] = select_sides(self, pstates[i], u[slot], vh[slot])
-        return bases
-
-
-    def compute_bases_many(self, grads: list[torch.Tensor], pstates: list[dict]) -> list[dict[str, torch.Tensor]]:
-        """Same-shaped gradients in chunks of ``batch``, each chunk converted to fp32 only
-        while its op call runs."""
+        if len(grads) != len(pstates):
+            raise ValueError(f"{type(self).__name__}: {len(grads)} matrices but {len(pstates)} states")
         by_kind: dict[tuple, list[int]] = defaultdict(list)
         for index, (grad, pstate) in enumerate(zip(grads, pstates)):
             by_kind[(tuple(grad.shape), pstate["rank"], grad.device)].append(index)
         bases: list[dict[str, torch.Tensor] | None] = [None] * len(grads)
-        for members in by_kind.values():
+        for (_, rank, device), members in by_kind.items():
             for start in range(0, len(members), self.batch):
                 chunk = members[start : start + self.batch]
                 matrices = [grads[i].detach().float() for i in chunk]
-                for i, result in zip(chunk, self.compute_bases_batch(matrices, [pstates[i] for i in chunk])):
+                for i, result in zip(chunk, self._refresh_chunk(matrices, [pstates[i] for i in chunk], rank, device)):
                     bases[i] = result
         return bases
+
+    def _refresh_chunk(
+        self, matrices: list[torch.Tensor], pstates: list[dict], rank: int, device: torch.device
+    ) -> list[dict[str, torch.Tensor]]:
+        """One ``batched_randomized_svd`` call on same-shaped fp32 matrices."""
+        omegas = [
+            sketch_matrix(matrix.shape, rank, self.oversample, self.generator(p["seed"], p["refreshes"], device), device)
+            for matrix, p in zip(matrices, pstates)
+        ]
+        u, vh = torch.ops.lowrank_optim.batched_randomized_svd(stack(matrices), stack(omegas), rank, self.power_iters)
+        return [select_sides(self, p, u[slot], vh[slot]) for slot, p in enumerate(pstates)]
 
 
 def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
