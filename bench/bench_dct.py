@@ -71,7 +71,7 @@ def refresh(name: str, grad: torch.Tensor, rank: int, out: dict) -> Callable[[],
 
     def run():
         pstate = projector.init_state(grad.shape, seed=0)
-        projector.update(grad, pstate)
+        projector.refresh(grad, pstate)
         out["pstate"] = pstate
         out["low"] = projector.project(grad, pstate)
 

@@ -158,7 +158,7 @@ def ours_refresh(name: str, grad: torch.Tensor, rank: int, out: dict) -> Callabl
 
     def run():
         pstate = projector.init_state(grad.shape, seed=0)
-        projector.update(grad, pstate)
+        projector.refresh(grad, pstate)
         out["low"] = projector.project(grad, pstate)
 
     return run

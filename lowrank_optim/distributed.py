@@ -18,7 +18,7 @@ local block :math:`W_k` (:math:`m_k` x n):
   (``left``, ``full``, the ``rows`` and ``entries`` coordinate projectors) is refused;
 * a refresh gathers the full gradient on one *owner* rank (the parameter's position modulo
   the world size, so the SVDs are spread over the ranks), which runs the ordinary
-  ``projector.update``, and broadcasts the new projector state (Q: r x n) to the others
+  ``projector.refresh``, and broadcasts the new projector state (Q: r x n) to the others
   (:func:`refresh`).  That moves (W-1)/W · m n numbers to one rank instead of
   (W-1) · m n for an all-gather, and one SVD instead of W; the owner holds one full
   gradient at a time, only during its refresh.  Projectors whose refresh reads no gradient
@@ -213,12 +213,12 @@ def init_projector_state(
     step, where the placement is first known.
     """
     pstate = projector.init_state(shape, seed, slot)
-    if layout is None or "side" not in pstate:  # blocks: whole matrices, nothing to choose
+    if layout is None or projector.stored_side(pstate) is None:  # blocks: whole matrices, nothing to choose
         return pstate
     keep = layout.unsharded_side()
     if projector.side is None and projector.proj_type in ("std", "reverse_std"):
-        pstate.update(side=keep, rank=projector.rank_for(shape, keep))
-    if pstate["side"] != keep:
+        projector.use_side(pstate, keep, shape)
+    if projector.stored_side(pstate) != keep:
         what = f"proj_type={projector.proj_type!r}" if projector.side is None else f"projector={projector.name!r}"
         fix = (
             f"proj_type='std' or {'right' if keep == RIGHT else 'left'!r}" if projector.side is None
@@ -233,7 +233,7 @@ def init_projector_state(
 
 
 def refresh(projector: Projector, grad: torch.Tensor, pstate: dict, layout: ShardLayout | None) -> None:
-    """``projector.update(grad, pstate)`` for the whole matrix, from this rank's block.
+    """``projector.refresh(grad, pstate)`` for the whole matrix, from this rank's block.
 
     Sharded and the refresh reads the gradient: the owner rank gathers the blocks (a gather
     to one rank, not an all-gather), updates, and broadcasts the new state; a failure
@@ -241,7 +241,7 @@ def refresh(projector: Projector, grad: torch.Tensor, pstate: dict, layout: Shar
     old basis together.
     """
     if layout is None:
-        projector.update(grad, pstate)
+        projector.refresh(grad, pstate)
         return
     if not projector.refresh_reads_gradient:
         # Seeded: every rank computes the same state, but each sees only its rows of the
@@ -251,16 +251,16 @@ def refresh(projector: Projector, grad: torch.Tensor, pstate: dict, layout: Shar
         dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX, group=layout.group)
         if bool(nonfinite):
             raise RefreshFailed("the gradient has non-finite entries", nonfinite_gradient=True)
-        projector.update(grad, pstate)
+        projector.refresh(grad, pstate)
         return
     group = layout.group
-    owner = pstate["seed"] % layout.world_size  # seeds follow positions: round robin
+    owner = projector.seed_of(pstate) % layout.world_size  # seeds follow positions: round robin
     src = dist.get_global_rank(group, owner)
     full = _gather_to(owner, grad, layout)
     message: list = [None]
     if layout.rank == owner:
         try:
-            projector.update(full, pstate)
+            projector.refresh(full, pstate)
             message = [{k: _spec(v) for k, v in pstate.items()}]
         except RefreshFailed as err:
             message = [("failed", str(err), err.nonfinite_gradient)]

@@ -109,7 +109,7 @@ def test_l2_selection_minimises_reconstruction_error_over_all_subsets(transform,
     g = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     projector = fresh(rank, proj_type, transform=transform)
     pstate = projector.init_state(g.shape, seed=0)
-    projector.update(g, pstate)
+    projector.refresh(g, pstate)
     assert pstate["side"] == side
     size = shape[1] if side == RIGHT else shape[0]
     c = reference_basis(size).float()
@@ -129,7 +129,7 @@ def test_l1_option_selects_differently_where_it_should():
     for norm in ("l2", "l1"):
         projector = fresh(1, "right", norm=norm)
         pstate = projector.init_state(g.shape, seed=0)
-        projector.update(g, pstate)
+        projector.refresh(g, pstate)
         picked[norm] = pstate["right_indices"].tolist()
     assert picked == {"l2": [0], "l1": [1]}
     c = reference_basis(n).float()
@@ -140,7 +140,7 @@ def test_full_keeps_an_index_set_per_side():
     g = torch.randn(12, 9, generator=torch.Generator().manual_seed(0))
     projector = fresh(3, "full")
     pstate = projector.init_state(g.shape, seed=0)
-    projector.update(g, pstate)
+    projector.refresh(g, pstate)
     low = projector.project(g, pstate)
     assert low.shape == (3, 3)
     assert pstate["left_indices"].shape == (3,) and pstate["right_indices"].shape == (3,)
@@ -154,11 +154,11 @@ def test_non_finite_gradient_keeps_the_old_selection():
     projector = fresh(2)
     g = torch.randn(8, 5)
     pstate = projector.init_state(g.shape, seed=0)
-    projector.update(g, pstate)
+    projector.refresh(g, pstate)
     before = dict(pstate)
     g[0, 0] = float("nan")
     with pytest.raises(RefreshFailed):
-        projector.update(g, pstate)
+        projector.refresh(g, pstate)
     assert pstate == before
 
 
@@ -298,8 +298,8 @@ def test_bf16_scores_in_fp32_and_trains(transform):
     g = torch.randn(40, 24, generator=torch.Generator().manual_seed(0)).bfloat16()
     projector = fresh(5, transform=transform)
     from_bf16, from_fp32 = projector.init_state(g.shape, 0), projector.init_state(g.shape, 0)
-    projector.update(g, from_bf16)
-    projector.update(g.float(), from_fp32)
+    projector.refresh(g, from_bf16)
+    projector.refresh(g.float(), from_fp32)
     assert torch.equal(from_bf16["right_indices"], from_fp32["right_indices"])
     assert projector.project(g, from_bf16).dtype == torch.bfloat16
 

@@ -26,7 +26,7 @@ def test_add_back_is_beta_weight_plus_alpha_projected_back(name, options, proj_t
                                0.5 if name == "blocks" else None, **options)
     pstate = projector.init_state(torch.Size(shape), seed=1, group_slot=(0, 1))
     grad = torch.randn(*shape, generator=gen)
-    projector.update(grad, pstate)
+    projector.refresh(grad, pstate)
     low = torch.randn(projector.project(grad, pstate).shape, generator=gen)
     weight = torch.randn(*shape, generator=gen)
     expected = weight * 0.99 + (-0.3) * projector.project_back(low, pstate)

@@ -101,7 +101,7 @@ def test_quantized_projector_multiplies_straight_from_the_codes(proj_type, dtype
     gen = torch.Generator().manual_seed(5)
     grad = torch.randn(19, 11, generator=gen).to(dtype)
     pstate = projector.init_state(grad.shape, seed=0)
-    projector.update(grad, pstate)
+    projector.refresh(grad, pstate)
     left, right = (b.float() if b is not None else None for b in projector.bases(pstate, grad.float()))
     monkeypatch.setattr(QuantizedProjector, "bases", lambda *a: pytest.fail("project used a dense basis"))
     low = projector.project(grad, pstate)

@@ -58,7 +58,7 @@ def test_projection_shapes_and_orthonormal_round_trip(name, proj_type, shape, lo
     projector = REGISTRY[name](4, proj_type, 10)
     pstate = projector.init_state(torch.Size(shape), seed=3)
     grad = torch.randn(shape)
-    projector.update(grad, pstate)
+    projector.refresh(grad, pstate)
     low = projector.project(grad, pstate)
     assert low.shape == low_shape
     # Projecting back and again is the identity on the low-rank space for orthonormal bases.
@@ -69,7 +69,7 @@ def test_side_is_decided_once_and_stored():
     assert choose_side("std", (16, 16)) == RIGHT and choose_side("reverse_std", (16, 16)) == LEFT
     projector = REGISTRY["svd"](4, "reverse_std", 10)
     pstate = projector.init_state(torch.Size((16, 16)), seed=0)
-    projector.update(torch.randn(16, 16), pstate)
+    projector.refresh(torch.randn(16, 16), pstate)
     low = projector.project(torch.randn(16, 16), pstate)
     assert projector.project_back(low, pstate).shape == (16, 16)  # the upstream crash case
 

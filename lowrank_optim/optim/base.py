@@ -3,7 +3,7 @@ r"""``LowRankOptimizer``: the one template step every method in this package sha
 For a parameter W with gradient G in a group with ``rank`` (a *projected* group)::
 
     G   <- prepare_gradient(gradient(W))                 hooks (e.g. GradNormLoRP's chain rule)
-    if projector.should_update():  basis <- projector.update(G)          (fp32, every T steps)
+    if projector.should_refresh(): basis <- projector.refresh(G)         (fp32, every T steps)
                                     moments <- keep | reset | project     (``on_refresh``)
                                     after_refresh()                       hook (other state)
     R   <- projector.project(G)                          low-rank gradient
@@ -539,7 +539,7 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
                 continue
             state = self.state[p]
             self._init_state(p, state, group, projector, None)
-            if projector.should_update(state["projector"]):
+            if projector.should_refresh(state["projector"]):
                 due.append(id(p))
                 grads.append(self.gradient(p))
                 pstates.append(state["projector"])
@@ -573,7 +573,7 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         if projector is None:
             return grad
         pstate = state["projector"]
-        if projector.should_update(pstate) and not self._refresh(p, grad, group, state, projector, layout, bases):
+        if projector.should_refresh(pstate) and not self._refresh(p, grad, group, state, projector, layout, bases):
             return None  # skip rather than corrupt the state
         low = projector.project(grad, pstate)
         # An fp16 low-rank gradient runs its rule in fp32 (fp32 moments, history): its
@@ -650,13 +650,13 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
     def _refresh(self, p, grad, group, state, projector: Projector, layout=None, bases=None) -> bool:
         """New basis, then the moments per ``on_refresh``; False means skip this step."""
         pstate = state["projector"]
-        had_basis = pstate["refreshes"] > 0
-        old = dict(pstate)  # update() replaces entries, so this shallow copy is the old state
+        had_basis = projector.has_basis(pstate)
+        old = dict(pstate)  # refresh() replaces entries, so this shallow copy is the old state
         try:
             if bases is not None:  # computed in a batch with other parameters'
-                projector.update(grad, pstate, bases)
+                projector.refresh(grad, pstate, bases)
             else:
-                distributed.refresh(projector, grad, pstate, layout)  # projector.update, shard-aware
+                distributed.refresh(projector, grad, pstate, layout)  # projector.refresh, shard-aware
         except RefreshFailed as err:
             self._warn_once(p, f"subspace refresh skipped, previous basis kept ({err})")
             return had_basis and not err.nonfinite_gradient

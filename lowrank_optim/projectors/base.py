@@ -62,7 +62,7 @@ class Projector:
     name: ClassVar[str]
     #: The side a projector always uses (coordinate subsets), or None: chosen by ``proj_type``.
     side: ClassVar[int | None] = None
-    #: Whether :meth:`update` reads the gradient's values.  A refresh that only advances a
+    #: Whether :meth:`refresh` reads the gradient's values.  A refresh that only advances a
     #: seed (``random``, coordinate subsets) is the same on every rank without the
     #: gradient, so a sharded parameter refreshes it with no communication.
     refresh_reads_gradient: ClassVar[bool] = True
@@ -125,7 +125,7 @@ class Projector:
         side = choose_side(self.proj_type, shape)
         return {"side": side, "rank": self.rank_for(shape, side), "age": 0, "refreshes": 0, "seed": seed}
 
-    def should_update(self, pstate: dict) -> bool:
+    def should_refresh(self, pstate: dict) -> bool:
         """Refresh before the first step and then every ``update_proj_gap`` steps.
 
         Counting the age since the last successful refresh gives GaLore's schedule
@@ -139,29 +139,68 @@ class Projector:
     def tick(self, pstate: dict) -> None:
         pstate["age"] += 1
 
-    def update(self, grad: torch.Tensor, pstate: dict, bases: dict[str, torch.Tensor] | None = None) -> None:
-        """Compute a new basis from ``grad`` (in fp32) and store it in ``pstate``.
+    def refresh(self, grad: torch.Tensor, pstate: dict, bases: dict[str, torch.Tensor] | None = None) -> None:
+        """Move ``pstate`` to its next subspace, from ``grad``: the one refresh of every
+        projector (a template: :meth:`next_state` is what differs).
 
         ``bases``: the result of :meth:`compute_bases` for this gradient, already computed
         together with other parameters' by :meth:`compute_bases_many`.
 
         Raises :class:`RefreshFailed` and leaves ``pstate`` untouched when the gradient is
         not finite or the factorisation fails.  The finiteness check costs one host sync
-        per refresh (every T steps), never one per step.
+        per refresh (every T steps), never one per step; it runs for the projectors whose
+        refresh does not read the gradient too, so that the step on a non-finite gradient
+        is skipped whatever the projector.
         """
         self.require_finite(grad)
-        matrix = grad.detach().float()
+        new = self.next_state(grad, pstate, bases)
+        pstate.update(new)
+        pstate["age"] = 0
+        pstate["refreshes"] += 1
+
+    def next_state(self, grad: torch.Tensor, pstate: dict, bases: dict[str, torch.Tensor] | None = None) -> dict:
+        """The entries of ``pstate`` a refresh replaces (``refresh`` then updates its
+        counters; during this call ``pstate["refreshes"]`` is still the count before it).
+        Default: the dense bases of :meth:`compute_bases`, kept in the gradient's dtype, as
+        the reference does: the subspace is computed in fp32 but a bf16 model keeps a bf16
+        basis (half the memory)."""
+        new = bases if bases is not None else self.checked_bases(grad.detach().float(), pstate)
+        return {k: compact(t.to(grad.dtype)) if t.is_floating_point() else t for k, t in new.items()}
+
+    def checked_bases(self, matrix: torch.Tensor, pstate: dict, compute=None) -> dict[str, torch.Tensor]:
+        """``compute(matrix, pstate)`` (default :meth:`compute_bases`), a failed or
+        non-finite factorisation raised as :class:`RefreshFailed`."""
         try:
-            new = bases if bases is not None else self.compute_bases(matrix, pstate)
+            new = (compute or self.compute_bases)(matrix, pstate)
         except (torch.linalg.LinAlgError, RuntimeError) as err:  # LAPACK/cuSOLVER failures
             raise RefreshFailed(f"the factorisation failed: {err}") from err
         if not all(bool(torch.isfinite(t).all()) for t in new.values()):
             raise RefreshFailed("the factorisation returned non-finite values")
-        # Stored in the gradient's dtype, as the reference does: the subspace is computed
-        # in fp32 but a bf16 model keeps a bf16 basis (half the memory).
-        pstate.update({k: compact(t.to(grad.dtype)) if t.is_floating_point() else t for k, t in new.items()})
-        pstate["age"] = 0
-        pstate["refreshes"] += 1
+        return new
+
+    # ------------------------------------------------------------------ accessors
+    # What callers outside the projectors may know of a parameter's projector state; the
+    # keys themselves (which differ per projector) stay the projectors' business.
+    @staticmethod
+    def has_basis(pstate: dict) -> bool:
+        """Whether a refresh has succeeded yet (a step needs a subspace to project on)."""
+        return pstate["refreshes"] > 0
+
+    @staticmethod
+    def seed_of(pstate: dict) -> int:
+        """The parameter's seed: its position in the optimizer, the same on every rank."""
+        return pstate["seed"]
+
+    @staticmethod
+    def stored_side(pstate: dict) -> int | None:
+        """The side the state projects on (LEFT, RIGHT, BOTH), or None where the projector
+        has no side (FRUGAL's blocks: whole matrices)."""
+        return pstate.get("side")
+
+    def use_side(self, pstate: dict, side: int, shape: torch.Size) -> None:
+        """Project on ``side`` from now on (a fresh state only: e.g. FSDP2 keeping the
+        sharded dimension whole), with the rank that side gets."""
+        pstate.update(side=side, rank=self.rank_for(shape, side))
 
     #: State keys holding tensors in the gradient's dtype (dense bases): a checkpoint
     #: loaded into a model of another dtype casts them.  Other float state (INT4 scales,
@@ -202,9 +241,9 @@ class Projector:
         (or what stands for them, e.g. integer indices, which are stored as they are).
 
         Projectors that store dense bases implement this; those that store something else
-        (a seed, indices) override :meth:`update` and :meth:`bases` instead.
+        (a seed, indices) override :meth:`next_state` and :meth:`bases` instead.
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement compute_bases or update")
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_bases or next_state")
 
     #: Whether :meth:`compute_bases_many` computes many parameters' bases in one call.
     batches_refresh: ClassVar[bool] = False

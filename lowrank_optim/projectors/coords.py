@@ -91,16 +91,13 @@ class CoordinateProjector(Projector):
         pstate.update(side=self.side, rank=self.rank_for(shape, self.side), shape=tuple(shape))
         return pstate
 
-    def update(self, grad: torch.Tensor, pstate: dict) -> None:
-        # Data-independent, but the step on a non-finite gradient is skipped as with every
-        # projector (it would poison the moments and the weights).
-        self.require_finite(grad)
-        pstate["refreshes"] += 1
-        pstate["age"] = 0
+    def next_state(self, grad: torch.Tensor, pstate: dict, bases: dict | None = None) -> dict:
+        # Data-independent: a seeded draw of k indices (the refresh's own number, 1-based,
+        # picks the stream, as it always has: checkpoints and ranks agree on it).
         length = self.length(torch.Size(pstate["shape"]))
-        gen = self.generator(pstate["seed"], pstate["refreshes"], grad.device)
+        gen = self.generator(pstate["seed"], pstate["refreshes"] + 1, grad.device)
         chosen = torch.randperm(length, generator=gen, device=grad.device)[: pstate["rank"]]
-        pstate["indices"] = chosen.sort().values.to(_index_dtype(length))
+        return {"indices": chosen.sort().values.to(_index_dtype(length))}
 
     def low_shape(self, pstate: dict, shape: torch.Size) -> tuple[int, ...] | None:
         if self.dim is None:
@@ -156,7 +153,7 @@ class CoordinateProjector(Projector):
         return Transition(right=index_map) if self.side == RIGHT else Transition(left=index_map)
 
     def state_bytes(self, shape, width: int) -> int:
-        """The k selected indices, in the integer type :meth:`update` stores them in."""
+        """The k selected indices, in the integer type :meth:`next_state` stores them in."""
         size = torch.Size(shape)
         index_width = torch.empty((), dtype=_index_dtype(self.length(size))).element_size()
         return self.rank_for(size, self.side) * index_width
@@ -215,17 +212,15 @@ class BlockProjector(Projector):
         # at some step still agrees with the rest of its group.
         return self.clock // self.update_proj_gap
 
-    def should_update(self, pstate: dict) -> bool:
+    def should_refresh(self, pstate: dict) -> bool:
         return pstate["refreshes"] == 0 or pstate["round"] != self.current_round()
 
     def low_shape(self, pstate: dict, shape: torch.Size) -> tuple[int, ...] | None:
         return None  # the whole matrix when active, no rows when not
 
-    def update(self, grad: torch.Tensor, pstate: dict) -> None:
-        self.require_finite(grad)  # skip the step on a non-finite gradient, as every projector does
+    def next_state(self, grad: torch.Tensor, pstate: dict, bases: dict | None = None) -> dict:
         r = self.current_round()
-        pstate.update(round=r, active=int(pstate["slot"] in self.active_slots(r, pstate)), age=0)
-        pstate["refreshes"] += 1
+        return {"round": r, "active": int(pstate["slot"] in self.active_slots(r, pstate))}
 
     def active_slots(self, r: int, pstate: dict) -> set[int]:
         """The slots of the group active in round ``r`` (see the module docstring)."""

@@ -42,7 +42,7 @@ import torch
 from .. import _validate as V
 from ..kernels.int4 import Int4Basis
 from ..quant.int4 import quantize_int4
-from .base import REGISTRY, Projector, RefreshFailed, register_projector
+from .base import REGISTRY, Projector, register_projector
 
 #: Inner projectors that compute a dense fp32 basis (what there is to quantize).
 DENSE_INNER = ("svd", "rsvd")
@@ -103,20 +103,11 @@ class QuantizedProjector(Projector):
     def gap(self, pstate: dict) -> int:
         return pstate.get("gap", self.update_proj_gap)
 
-    def update(self, grad: torch.Tensor, pstate: dict) -> None:
-        """Inner basis in fp32, lazy-refresh bookkeeping, then INT4 storage.
-
-        Same contract as :meth:`Projector.update`: raises :class:`RefreshFailed` and leaves
-        ``pstate`` untouched when the gradient or the factorisation is not finite.
-        """
-        self.require_finite(grad)
+    def next_state(self, grad: torch.Tensor, pstate: dict, bases: dict | None = None) -> dict:
+        """Inner basis in fp32 (checked as every projector's), lazy-refresh bookkeeping,
+        then INT4 storage."""
         matrix = grad.detach().float()
-        try:
-            dense = self.inner_projector.compute_bases(matrix, pstate)
-        except (torch.linalg.LinAlgError, RuntimeError) as err:
-            raise RefreshFailed(f"the factorisation failed: {err}") from err
-        if not all(bool(torch.isfinite(t).all()) for t in dense.values()):
-            raise RefreshFailed("the factorisation returned non-finite values")
+        dense = self.checked_bases(matrix, pstate, self.inner_projector.compute_bases)
         new: dict[str, Any] = {}
         if self.lazy:
             if pstate["refreshes"] > 0:
@@ -127,9 +118,7 @@ class QuantizedProjector(Projector):
         for side, basis in dense.items():
             for key, value in quantize_int4(basis, self.group_size).items():
                 new[f"{side}_{key}"] = value
-        pstate.update(new)
-        pstate["age"] = 0
-        pstate["refreshes"] += 1
+        return new
 
     def _record_similarity(self, previous: torch.Tensor, current: torch.Tensor, pstate: dict) -> dict[str, Any]:
         """Push |cos| into the queue; double the gap (and clear the queue) when it is full

@@ -55,21 +55,19 @@ class RandomProjector(Projector):
         pstate["shape"] = tuple(shape)
         return pstate
 
-    def update(self, grad: torch.Tensor, pstate: dict) -> None:
-        # Nothing to factorise: a refresh only moves to the next seed.  A non-finite
-        # gradient is still refused, so that the step on it is skipped as with every
-        # projector (it would poison the moments and the weights).
-        self.require_finite(grad)
+    def next_state(self, grad: torch.Tensor, pstate: dict, bases: dict | None = None) -> dict:
+        # Nothing to factorise: a refresh only moves to the next seed.
+        new = {}
         if self.stream == "apollo":
             # apollo_torch's seeds: the parameter's 1-based position, then each refresh
             # draws with the successor of the previous seed (see _successor).
-            pstate["draw_seed"] = pstate["seed"] + 1 if pstate["refreshes"] == 0 else _successor(pstate["draw_seed"])
-        pstate["age"] = 0
-        pstate["refreshes"] += 1
-        if self.keep:  # drawn once for the T steps until the next refresh
-            for key, basis in zip(("left", "right"), self._draw_bases(pstate, grad)):
+            new["draw_seed"] = pstate["seed"] + 1 if pstate["refreshes"] == 0 else _successor(pstate["draw_seed"])
+        if self.keep:  # drawn once for the T steps until the next refresh: the draw bases() would make
+            after = {**pstate, **new, "refreshes": pstate["refreshes"] + 1}
+            for key, basis in zip(("left", "right"), self._draw_bases(after, grad)):
                 if basis is not None:
-                    pstate[key] = basis
+                    new[key] = basis
+        return new
 
     def bases(self, pstate: dict, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.keep:
