@@ -159,12 +159,25 @@ def error_of(fn) -> str:
 
 
 def run(rank: int, world: int, port: int, out_dir: str) -> None:
+    run_checks(checks, rank, world, port, out_dir)
+
+
+def run_checks(checks, rank: int, world: int, port: int, out_dir: str) -> None:
+    """``checks(rank, world, out_dir)`` in a gloo group; rank 0 saves what it returns to
+    ``out_dir/results.pt`` for the tests to read (:func:`spawned_record`)."""
+
     def work():
         results = checks(rank, world, out_dir)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
 
     in_process_group(rank, world, port, out_dir, work)
+
+
+def spawned_record(run, world: int, out_dir) -> dict:
+    """Spawn ``run`` on ``world`` ranks and load what rank 0 saved."""
+    spawn(run, world, str(out_dir))
+    return torch.load(os.path.join(out_dir, "results.pt"), weights_only=True)
 
 
 def spawn(run, world: int, out_dir: str) -> None:

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import fully_shard
 
 import lowrank_optim as lo
-from _distributed_worker import error_of, full_params, in_process_group, make_model, spawn  # noqa: F401
+from _distributed_worker import error_of, full_params, make_model, run_checks, spawned_record  # noqa: F401
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -258,9 +258,4 @@ def checks(rank: int, world: int, out_dir: str) -> dict:
 
 
 def run(rank: int, world: int, port: int, out_dir: str) -> None:
-    def work():
-        results = checks(rank, world, out_dir)
-        if rank == 0:
-            torch.save(results, os.path.join(out_dir, "results.pt"))
-
-    in_process_group(rank, world, port, out_dir, work)
+    run_checks(checks, rank, world, port, out_dir)

@@ -22,9 +22,7 @@ WORLD = 2
 
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
-    out = tmp_path_factory.mktemp("layerwise_distributed")
-    worker.spawn(worker.run, WORLD, str(out))
-    return torch.load(out / "results.pt", weights_only=True)
+    return worker.spawned_record(worker.run, WORLD, tmp_path_factory.mktemp("layerwise_distributed"))
 
 
 def max_difference(a: dict, b: dict) -> float:

@@ -206,6 +206,15 @@ def _title(fig, estimates: Sequence[MemoryEstimate]) -> None:
     fig.suptitle("\n".join(textwrap.wrap(text, 110)), fontsize=8, x=0.01, ha="left")
 
 
+def _save(plt, fig, estimates: Sequence[MemoryEstimate], path: str) -> str:
+    """Every plot's ending: the settings as its title, laid out, written, closed."""
+    _title(fig, estimates)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def plot(estimates: Sequence[MemoryEstimate], path: str, unit: str = "GiB", per_layer: bool = True) -> str:
     """PNG: stacked bars per optimizer (weights / grads / state / projector), each labelled
     with its total and its ratio to AdamW's; with ``per_layer``, below, the optimizer bytes
@@ -248,11 +257,7 @@ def plot(estimates: Sequence[MemoryEstimate], path: str, unit: str = "GiB", per_
         ax.set_ylabel(f"state + projector ({unit})")
         ax.set_title("per layer", fontsize=9)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
-    _title(fig, estimates)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, estimates, path)
 
 
 def plot_ranks(estimates: Sequence[MemoryEstimate], path: str, unit: str = "GiB") -> str:
@@ -287,11 +292,7 @@ def plot_ranks(estimates: Sequence[MemoryEstimate], path: str, unit: str = "GiB"
     ax.set_ylabel(f"optimizer state + projector ({unit})")
     ax.set_ylim(bottom=0)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-    _title(fig, estimates)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, estimates, path)
 
 
 def log_wandb(estimates: Sequence[MemoryEstimate], project: str = "lowrank_optim-memory") -> None:
