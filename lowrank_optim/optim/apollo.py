@@ -49,14 +49,67 @@ from .base import ADAM_CHECKS, ADAM_DEFAULTS, LowRankOptimizer, ParamStep
 
 
 class ApolloAdamW(LowRankOptimizer):
-    """APOLLO (module docstring has the math).
+    """APOLLO: Adam statistics of a random sketch scale the raw gradient (Zhu et al., MLSys 2025).
 
-    Args: those of :class:`~lowrank_optim.optim.galore.GaLoreAdamW` (``projector`` defaults
-    to ``"gaussian"``, the seeded N(0, 1/r) sketch, ``scale`` to 1), and
-        scaling: ``channel`` (one factor per channel of the kept side) or ``tensor`` (one
-            for the matrix); ``channel`` needs a one-sided ``proj_type``.
-        norm_growth_limit: γ >= 1, the largest step-to-step growth of ‖S‖; None disables it.
-        reference_compat: ``apollo_torch``'s arithmetic (see the module docstring).
+    Update rule, for a weight W (m x n) in a group with ``rank`` r: P a seeded Gaussian sketch
+    (entries N(0, 1/r), redrawn every T steps from its seed, never stored) and
+
+        R = Pᵀ G,   M, V ← Adam moments of R,   R̃ = M̂ / (√V̂ + ε),
+        s_j = ‖R̃_{:,j}‖ / (‖R_{:,j}‖ + 10⁻⁸)  (``scaling="channel"``),
+        s = ‖R̃‖ / (‖R‖ + 10⁻⁸)  (``scaling="tensor"``),
+        S = G diag(s),
+        S ← S · γ‖S_prev‖ / ‖S‖  when ‖S‖ > γ‖S_prev‖   (γ = ``norm_growth_limit``),
+        W ← W (1 − ηλ) − η_t α S   (η_t: η with β1's bias correction).
+
+    The update is the raw gradient scaled per channel: the state per matrix is the two moments
+    (2 r n numbers) and the limiter's norm.
+    ``reference_compat=True`` with ``eps=1e-6, eps_style="hf", decay_after_update=True`` and
+    ``projector_args={"stream": "apollo"}`` equals ``apollo_torch.APOLLOAdamW`` (whose ``scale``
+    is our α²).
+    A group without ``rank`` (or ``density``) is plain AdamW, ``torch.optim.AdamW``
+    to the bit.
+    Page: docs/methods/apollo.md#update-rule.
+
+    Args:
+        params: parameters or param groups (dicts); a group may override any keyword below
+            except the four of the optimizer as a whole (``layerwise``, ``accumulation_steps``,
+            ``max_grad_norm``, ``foreach``).
+        lr: η, the learning rate (default 1e-3).
+        betas: (β1, β2), the decay rates of the moments (default (0.9, 0.999)).
+        eps: ε (default 1e-8).
+        weight_decay: λ, decoupled (default 1e-2; all four are ``torch.optim.AdamW``'s defaults).
+        eps_style: ``"torch"`` (ε added to √V̂, as ``torch.optim.AdamW``) or ``"hf"`` (ε added to
+            √V, the bias corrections folded into the step size, as ``galore_torch``).
+        scaling: ``"channel"`` (one factor per channel of the side the sketch keeps at full
+            length; needs a one-sided ``proj_type``) or ``"tensor"`` (one factor for the matrix);
+            default ``"channel"``.
+        norm_growth_limit: γ ≥ 1, the largest growth of ‖S‖ from one step to the next (default
+            1.01); None disables the limiter.
+        reference_compat: ``apollo_torch``'s arithmetic (its limiter, α after it; default False).
+        rank: r, the rank of every group that sets neither ``rank`` nor ``density`` (default None:
+            such a group is dense); at most min(m, n) of every matrix in its group.
+        density: instead of ``rank``: this fraction of each matrix's projected side.
+        update_proj_gap: T, steps between refreshes of the subspace (at steps 0, T, 2T, ...;
+            default 200).
+        scale: α, multiplies the projected-back update (default 1.0).
+        proj_type: the side of the basis: ``"std"`` (the shorter side, default), ``"reverse_std"``,
+            ``"left"``, ``"right"`` or ``"full"`` (both sides, an r x r state).
+        projector: how P is computed (default ``"gaussian"``): ``"svd"`` (exact), ``"rsvd"``
+            (randomized), ``"random"``, ``"gaussian"``, ``"dct"``, ``"columns"``, ``"rows"``,
+            ``"entries"``, ``"blocks"`` or any name given to ``register_projector``.
+        projector_args: the projector's own options, e.g. ``{"oversample": 8}`` for ``"rsvd"``.
+        on_refresh: the moments when the basis changes (default ``"keep"``): ``"keep"``,
+            ``"reset"`` (zeroed, bias correction restarted) or ``"project"`` (re-expressed in the
+            new basis).
+        decay_after_update: True applies the decay after the update (``galore_torch``'s order).
+        seed: base seed of the randomized projectors (the same on every data-parallel rank).
+        layerwise: step each parameter inside backward, as soon as its gradient is complete, and
+            free that gradient (docs/guide.md#layer-wise-mode).
+        accumulation_steps: in layer-wise mode, backward passes per optimizer step (default 1).
+        max_grad_norm: in layer-wise mode, clip each parameter's gradient to this norm (None: no
+            clipping).
+        foreach: None (default) or True steps a group's parameters together with foreach kernels,
+            False one at a time (the same arithmetic).
     """
 
     #: Used by ``create_optimizer`` when given a model and no rank (the presets).
@@ -106,10 +159,69 @@ class ApolloAdamW(LowRankOptimizer):
 
 
 class ApolloMiniAdamW(ApolloAdamW):
-    """APOLLO-Mini: :class:`ApolloAdamW` with a rank-1 sketch, one tensor-wise factor and
-    α = √128 (the reference's preset; its ``scale=128`` means √128), the SGD-like memory
-    point: two 1 x n (or m x 1) moments per matrix.  ``create_optimizer("apollo_mini_adamw",
-    model)`` projects the target modules at rank 1 when no rank is given."""
+    """APOLLO-Mini: ``ApolloAdamW`` at rank 1, one factor per tensor, α = √128.
+
+    Update rule, for a weight W (m x n) in a group with ``rank`` r: P a seeded Gaussian sketch
+    (entries N(0, 1/r), redrawn every T steps from its seed, never stored) and
+
+        R = Pᵀ G,   M, V ← Adam moments of R,   R̃ = M̂ / (√V̂ + ε),
+        s_j = ‖R̃_{:,j}‖ / (‖R_{:,j}‖ + 10⁻⁸)  (``scaling="channel"``),
+        s = ‖R̃‖ / (‖R‖ + 10⁻⁸)  (``scaling="tensor"``),
+        S = G diag(s),
+        S ← S · γ‖S_prev‖ / ‖S‖  when ‖S‖ > γ‖S_prev‖   (γ = ``norm_growth_limit``),
+        W ← W (1 − ηλ) − η_t α S   (η_t: η with β1's bias correction).
+
+    The update is the raw gradient scaled per channel: the state per matrix is the two moments
+    (2 r n numbers) and the limiter's norm.
+    The Mini preset: ``scaling="tensor"``, α = √128 (the reference's ``scale=128``, which it
+    applies as √128) and rank 1, the SGD-like memory point (two 1 x n or m x 1 moments per
+    matrix); ``create_optimizer("apollo_mini_adamw", model)`` and the Trainer project the
+    target modules at rank 1 when given no rank.
+    A group without ``rank`` (or ``density``) is plain AdamW, ``torch.optim.AdamW``
+    to the bit.
+    Page: docs/methods/apollo.md#update-rule.
+
+    Args:
+        params: parameters or param groups (dicts); a group may override any keyword below
+            except the four of the optimizer as a whole (``layerwise``, ``accumulation_steps``,
+            ``max_grad_norm``, ``foreach``).
+        lr: η, the learning rate (default 1e-3).
+        betas: (β1, β2), the decay rates of the moments (default (0.9, 0.999)).
+        eps: ε (default 1e-8).
+        weight_decay: λ, decoupled (default 1e-2; all four are ``torch.optim.AdamW``'s defaults).
+        eps_style: ``"torch"`` (ε added to √V̂, as ``torch.optim.AdamW``) or ``"hf"`` (ε added to
+            √V, the bias corrections folded into the step size, as ``galore_torch``).
+        scaling: ``"channel"`` (one factor per channel of the side the sketch keeps at full
+            length; needs a one-sided ``proj_type``) or ``"tensor"`` (one factor for the matrix);
+            default ``"tensor"``.
+        norm_growth_limit: γ ≥ 1, the largest growth of ‖S‖ from one step to the next (default
+            1.01); None disables the limiter.
+        reference_compat: ``apollo_torch``'s arithmetic (its limiter, α after it; default False).
+        rank: r, the rank of every group that sets neither ``rank`` nor ``density`` (default None:
+            such a group is dense); at most min(m, n) of every matrix in its group.
+        density: instead of ``rank``: this fraction of each matrix's projected side.
+        update_proj_gap: T, steps between refreshes of the subspace (at steps 0, T, 2T, ...;
+            default 200).
+        scale: α, multiplies the projected-back update (default √128 ≈ 11.31).
+        proj_type: the side of the basis: ``"std"`` (the shorter side, default), ``"reverse_std"``,
+            ``"left"``, ``"right"`` or ``"full"`` (both sides, an r x r state).
+        projector: how P is computed (default ``"gaussian"``): ``"svd"`` (exact), ``"rsvd"``
+            (randomized), ``"random"``, ``"gaussian"``, ``"dct"``, ``"columns"``, ``"rows"``,
+            ``"entries"``, ``"blocks"`` or any name given to ``register_projector``.
+        projector_args: the projector's own options, e.g. ``{"oversample": 8}`` for ``"rsvd"``.
+        on_refresh: the moments when the basis changes (default ``"keep"``): ``"keep"``,
+            ``"reset"`` (zeroed, bias correction restarted) or ``"project"`` (re-expressed in the
+            new basis).
+        decay_after_update: True applies the decay after the update (``galore_torch``'s order).
+        seed: base seed of the randomized projectors (the same on every data-parallel rank).
+        layerwise: step each parameter inside backward, as soon as its gradient is complete, and
+            free that gradient (docs/guide.md#layer-wise-mode).
+        accumulation_steps: in layer-wise mode, backward passes per optimizer step (default 1).
+        max_grad_norm: in layer-wise mode, clip each parameter's gradient to this norm (None: no
+            clipping).
+        foreach: None (default) or True steps a group's parameters together with foreach kernels,
+            False one at a time (the same arithmetic).
+    """
 
     preset_rank = 1
     method_defaults = {**ApolloAdamW.method_defaults, "scaling": "tensor", "scale": math.sqrt(128)}

@@ -57,12 +57,62 @@ from .base import ADAM_CHECKS, ADAM_DEFAULTS, LowRankOptimizer, ParamStep
 
 
 class FrugalAdamW(LowRankOptimizer):
-    """FRUGAL with AdamW on the subspace (module docstring has the math and choices).
+    """FRUGAL: AdamW on a subspace, a state-free rule on the rest (Zmushko et al., ICML 2025).
 
-    Args beyond :class:`~lowrank_optim.optim.galore.GaLoreAdamW`'s:
-        state_free: ``signsgd`` | ``sgd`` | ``none``, the rule outside the subspace.
-        inactive_lr_scale: η_f / η, the state-free learning rate relative to ``lr``.
-        density: fraction per matrix (basis, coordinates) or of the group (``blocks``).
+    Update rule, for a weight W in a group with ``rank`` or ``density``, with down/up the
+    projection onto the subspace and back (a basis, a coordinate subset or whole matrices,
+    chosen by ``projector``):
+
+        g_s = down(G),   u_s = AdamW's direction for g_s,   E = G − up(g_s),
+        W ← W (1 − ηλ) − η_t α up(u_s) − η_f F(E),   η_f = η · ``inactive_lr_scale``,
+
+    with F = sign (``state_free="signsgd"``, default), the identity (``"sgd"``) or nothing
+    (``"none"``); for a basis F(E) is projected once more onto the complement, so it stays out
+    of the subspace.  The subspace is redrawn every T steps and the moments reset then
+    (``on_refresh="reset"``).  FRUGAL has no α: ``scale`` defaults to 1 and multiplies the Adam
+    part only.  The paper: ``density=0.25`` with ``projector="blocks"``.
+    A group without ``rank`` (or ``density``) is plain AdamW, ``torch.optim.AdamW``
+    to the bit.
+    Page: docs/methods/frugal.md#update-rule.
+
+    Args:
+        params: parameters or param groups (dicts); a group may override any keyword below
+            except the four of the optimizer as a whole (``layerwise``, ``accumulation_steps``,
+            ``max_grad_norm``, ``foreach``).
+        lr: η, the learning rate (default 1e-3).
+        betas: (β1, β2), the decay rates of the moments (default (0.9, 0.999)).
+        eps: ε (default 1e-8).
+        weight_decay: λ, decoupled (default 1e-2; all four are ``torch.optim.AdamW``'s defaults).
+        eps_style: ``"torch"`` (ε added to √V̂, as ``torch.optim.AdamW``) or ``"hf"`` (ε added to
+            √V, the bias corrections folded into the step size, as ``galore_torch``).
+        state_free: the rule outside the subspace: ``"signsgd"`` (default), ``"sgd"`` or ``"none"``.
+        inactive_lr_scale: η_f / η, the state-free learning rate relative to ``lr`` (default 1.0).
+        rank: r, the rank of every group that sets neither ``rank`` nor ``density`` (default None:
+            such a group is dense); at most min(m, n) of every matrix in its group.
+        density: instead of ``rank``: FRUGAL's ρ, the fraction of each matrix's projected side
+            (a basis), of its coordinates (``columns``, ``rows``, ``entries``) or of the
+            group's matrices (``blocks``).
+        update_proj_gap: T, steps between refreshes of the subspace (at steps 0, T, 2T, ...;
+            default 200).
+        scale: α, multiplies the projected-back update (default 1.0).
+        proj_type: the side of the basis: ``"std"`` (the shorter side, default), ``"reverse_std"``,
+            ``"left"``, ``"right"`` or ``"full"`` (both sides, an r x r state).
+        projector: how P is computed (default ``"svd"``): ``"svd"`` (exact), ``"rsvd"``
+            (randomized), ``"random"``, ``"gaussian"``, ``"dct"``, ``"columns"``, ``"rows"``,
+            ``"entries"``, ``"blocks"`` or any name given to ``register_projector``.
+        projector_args: the projector's own options, e.g. ``{"oversample": 8}`` for ``"rsvd"``.
+        on_refresh: the moments when the basis changes (default ``"reset"``): ``"keep"``,
+            ``"reset"`` (zeroed, bias correction restarted) or ``"project"`` (re-expressed in the
+            new basis).
+        decay_after_update: True applies the decay after the update (``galore_torch``'s order).
+        seed: base seed of the randomized projectors (the same on every data-parallel rank).
+        layerwise: step each parameter inside backward, as soon as its gradient is complete, and
+            free that gradient (docs/guide.md#layer-wise-mode).
+        accumulation_steps: in layer-wise mode, backward passes per optimizer step (default 1).
+        max_grad_norm: in layer-wise mode, clip each parameter's gradient to this norm (None: no
+            clipping).
+        foreach: None (default) or True steps a group's parameters together with foreach kernels,
+            False one at a time (the same arithmetic).
     """
 
     method_defaults = {

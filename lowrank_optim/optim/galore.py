@@ -35,39 +35,112 @@ from .rules import Adafactor, Adam8bit, bitsandbytes_functional
 
 
 class GaLoreAdamW(LowRankOptimizer):
-    """GaLore with Adam moments on the low-rank gradient (module docstring has the math).
+    """GaLore: Adam on the gradient projected onto a low-rank subspace (Zhao et al., ICML 2024).
+
+    Update rule, for a weight W (m x n) in a group with ``rank`` r: every T steps the basis P
+    (m x r, orthonormal) becomes the top-r left singular vectors of the gradient G (the right
+    side, R = G Qᵀ, mirrors it; ``proj_type="std"`` takes the shorter side), and at each step
+
+        R = Pᵀ G,   M ← β1 M + (1 − β1) R,   V ← β2 V + (1 − β2) R²,
+        W ← W (1 − ηλ) − η α P M̂ / (√V̂ + ε),   M̂ = M / (1 − β1ᵗ),   V̂ = V / (1 − β2ᵗ).
+
+    The state per matrix is the basis (m r) and two r x n moments, against AdamW's 2 m n.
+    A group without ``rank`` (or ``density``) is plain AdamW, ``torch.optim.AdamW``
+    to the bit.
+    The paper's settings: ``lr=0.01, scale=0.25, update_proj_gap=200``, rank about a quarter
+    of the hidden size.  Page: docs/methods/galore.md#update-rule (math, where we differ from
+    ``galore_torch`` and the flags that restore it, paper settings).
 
     Args:
-        params: parameters or param groups; a group with ``rank`` is projected.
-        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
-        rank: default rank for groups that do not set one (None: groups are dense).
-        update_proj_gap: T, steps between subspace refreshes.
-        scale: α, multiplies the projected-back update.
-        proj_type: ``std`` | ``reverse_std`` | ``left`` | ``right`` | ``full``.
-        projector: ``svd`` (exact) | ``rsvd`` (randomized) | ``random`` | any registered name.
-        projector_args: the projector's own options, e.g. ``{"oversample": 8}`` for rsvd.
-        on_refresh: what the moments do when the basis changes: ``keep`` (reference),
-            ``reset`` (zero them and restart bias correction) or ``project`` (re-express
-            them in the new basis).
-        eps_style: ``torch`` (ε after bias correction) or ``hf`` (ε on the raw √v).
-        decay_after_update: apply weight decay after the update, as ``galore_torch``.
-        seed: base seed of the randomized projectors (same on every data-parallel rank).
-        layerwise, accumulation_steps, max_grad_norm: layer-wise mode, see
-            :class:`~lowrank_optim.optim.base.LowRankOptimizer`.
+        params: parameters or param groups (dicts); a group may override any keyword below
+            except the four of the optimizer as a whole (``layerwise``, ``accumulation_steps``,
+            ``max_grad_norm``, ``foreach``).
+        lr: η, the learning rate (default 1e-3).
+        betas: (β1, β2), the decay rates of the moments (default (0.9, 0.999)).
+        eps: ε (default 1e-8).
+        weight_decay: λ, decoupled (default 1e-2; all four are ``torch.optim.AdamW``'s defaults).
+        eps_style: ``"torch"`` (ε added to √V̂, as ``torch.optim.AdamW``) or ``"hf"`` (ε added to
+            √V, the bias corrections folded into the step size, as ``galore_torch``).
+        rank: r, the rank of every group that sets neither ``rank`` nor ``density`` (default None:
+            such a group is dense); at most min(m, n) of every matrix in its group.
+        density: instead of ``rank``: this fraction of each matrix's projected side.
+        update_proj_gap: T, steps between refreshes of the subspace (at steps 0, T, 2T, ...;
+            default 200).
+        scale: α, multiplies the projected-back update (default 0.25, the paper's).
+        proj_type: the side of the basis: ``"std"`` (the shorter side, default), ``"reverse_std"``,
+            ``"left"``, ``"right"`` or ``"full"`` (both sides, an r x r state).
+        projector: how P is computed (default ``"svd"``): ``"svd"`` (exact), ``"rsvd"``
+            (randomized), ``"random"``, ``"gaussian"``, ``"dct"``, ``"columns"``, ``"rows"``,
+            ``"entries"``, ``"blocks"`` or any name given to ``register_projector``.
+        projector_args: the projector's own options, e.g. ``{"oversample": 8}`` for ``"rsvd"``.
+        on_refresh: the moments when the basis changes (default ``"keep"``): ``"keep"``,
+            ``"reset"`` (zeroed, bias correction restarted) or ``"project"`` (re-expressed in the
+            new basis).
+        decay_after_update: True applies the decay after the update (``galore_torch``'s order).
+        seed: base seed of the randomized projectors (the same on every data-parallel rank).
+        layerwise: step each parameter inside backward, as soon as its gradient is complete, and
+            free that gradient (docs/guide.md#layer-wise-mode).
+        accumulation_steps: in layer-wise mode, backward passes per optimizer step (default 1).
+        max_grad_norm: in layer-wise mode, clip each parameter's gradient to this norm (None: no
+            clipping).
+        foreach: None (default) or True steps a group's parameters together with foreach kernels,
+            False one at a time (the same arithmetic).
     """
 
     method_defaults = ADAM_DEFAULTS
 
 
 class GaLoreAdamW8bit(LowRankOptimizer):
-    """GaLore with bitsandbytes' blockwise 8-bit Adam moments (blocks of 256).
+    """GaLore with bitsandbytes' blockwise 8-bit Adam moments (needs ``bitsandbytes``).
 
-    The low-rank gradient R goes through the :class:`~lowrank_optim.optim.rules.Adam8bit`
-    rule (bitsandbytes' ``optimizer_update_8bit_blockwise``, called by keyword), which yields
-    the bias-corrected Adam direction; projection back, scale, weight decay and lr are then
-    applied by the shared step.  Dense groups get 8-bit AdamW.  Moments of tensors with
-    fewer than ``min_8bit_size`` elements stay fp32, as in bitsandbytes.  ε is placed as in
-    ``torch.optim.AdamW`` (bitsandbytes' only choice).
+    Update rule, for a weight W (m x n) in a group with ``rank`` r: every T steps the basis P
+    (m x r, orthonormal) becomes the top-r left singular vectors of the gradient G (the right
+    side, R = G Qᵀ, mirrors it; ``proj_type="std"`` takes the shorter side), and at each step
+
+        R = Pᵀ G,   M ← β1 M + (1 − β1) R,   V ← β2 V + (1 − β2) R²,
+        W ← W (1 − ηλ) − η α P M̂ / (√V̂ + ε),   M̂ = M / (1 − β1ᵗ),   V̂ = V / (1 − β2ᵗ).
+
+    M and V are stored as 8-bit codes with one fp32 scale per block of 256 (bitsandbytes'
+    ``optimizer_update_8bit_blockwise``, called by keyword); the moments of tensors smaller than
+    ``min_8bit_size`` stay fp32.  The state per matrix is the basis and about 2 r n bytes.
+    A group without ``rank`` (or ``density``) is 8-bit AdamW.
+    Page: docs/methods/galore.md#update-rule.
+
+    Args:
+        params: parameters or param groups (dicts); a group may override any keyword below
+            except the four of the optimizer as a whole (``layerwise``, ``accumulation_steps``,
+            ``max_grad_norm``, ``foreach``).
+        lr: η, the learning rate (default 1e-3).
+        betas: (β1, β2), the decay rates of the moments (default (0.9, 0.999)).
+        eps: ε, added to √V̂ as in ``torch.optim.AdamW`` (bitsandbytes' only placement;
+            default 1e-8).
+        weight_decay: λ, decoupled (default 1e-2).
+        min_8bit_size: tensors with fewer elements keep fp32 moments, as in bitsandbytes
+            (default 4096).
+        rank: r, the rank of every group that sets neither ``rank`` nor ``density`` (default None:
+            such a group is dense); at most min(m, n) of every matrix in its group.
+        density: instead of ``rank``: this fraction of each matrix's projected side.
+        update_proj_gap: T, steps between refreshes of the subspace (at steps 0, T, 2T, ...;
+            default 200).
+        scale: α, multiplies the projected-back update (default 0.25, the paper's).
+        proj_type: the side of the basis: ``"std"`` (the shorter side, default), ``"reverse_std"``,
+            ``"left"``, ``"right"`` or ``"full"`` (both sides, an r x r state).
+        projector: how P is computed (default ``"svd"``): ``"svd"`` (exact), ``"rsvd"``
+            (randomized), ``"random"``, ``"gaussian"``, ``"dct"``, ``"columns"``, ``"rows"``,
+            ``"entries"``, ``"blocks"`` or any name given to ``register_projector``.
+        projector_args: the projector's own options, e.g. ``{"oversample": 8}`` for ``"rsvd"``.
+        on_refresh: the moments when the basis changes (default ``"keep"``): ``"keep"``,
+            ``"reset"`` (zeroed, bias correction restarted) or ``"project"`` (re-expressed in the
+            new basis).
+        decay_after_update: True applies the decay after the update (``galore_torch``'s order).
+        seed: base seed of the randomized projectors (the same on every data-parallel rank).
+        layerwise: step each parameter inside backward, as soon as its gradient is complete, and
+            free that gradient (docs/guide.md#layer-wise-mode).
+        accumulation_steps: in layer-wise mode, backward passes per optimizer step (default 1).
+        max_grad_norm: in layer-wise mode, clip each parameter's gradient to this norm (None: no
+            clipping).
+        foreach: None (default) or True steps a group's parameters together with foreach kernels,
+            False one at a time (the same arithmetic).
     """
 
     moment_rule = Adam8bit()
@@ -86,28 +159,64 @@ class GaLoreAdamW8bit(LowRankOptimizer):
 
 
 class GaLoreAdafactor(LowRankOptimizer):
-    r"""GaLore with Adafactor (Shazeer & Stern 2018) on the low-rank gradient.
+    """GaLore with Adafactor (Shazeer & Stern, 2018) on the low-rank gradient.
 
-    With :math:`\rho_t` = ``lr`` or, when ``relative_step``, ``lr`` times
-    :math:`\min(10^{-2}, 1/\sqrt t)` (:math:`\min(10^{-6}t, 1/\sqrt t)` with
-    ``warmup_init``), times
-    :math:`\max(\epsilon_2, \mathrm{RMS}(W))` when ``scale_parameter``:
+    Update rule, for a weight W in a group with ``rank``: R = Pᵀ G as in ``GaLoreAdamW``
+    (basis P refreshed every T steps), then, at step t,
 
-    .. math::
-        \hat\beta_{2t} = 1 - t^{c},\quad
-        r_t = \hat\beta_{2t} r_{t-1} + (1-\hat\beta_{2t})\,\mathrm{mean}_{cols}(R^2+\epsilon_1),\quad
-        c_t = \ldots\,\mathrm{mean}_{rows}(R^2+\epsilon_1),
+        ρ = lr, or with ``relative_step`` lr · min(10⁻², 1/√t) (``warmup_init``: min(10⁻⁶ t, 1/√t)),
+            times max(ε2, RMS(W)) with ``scale_parameter``,
+        β̂2 = 1 − t^c   (c = ``decay_rate``),
+        row ← β̂2 row + (1 − β̂2) mean over columns of (R² + ε1),
+        col ← β̂2 col + (1 − β̂2) mean over rows of (R² + ε1),
+        U = R / √(row colᵀ / mean(row)),   U ← ρ U / max(1, RMS(U) / d)   (d = ``clip_threshold``),
+        with ``beta1``: U ← β1 U_prev + (1 − β1) U,
+        W ← W (1 − ρλ) − α P U.
 
-    :math:`U = R / \sqrt{r c^\top / \mathrm{mean}(r)}`, clipped to RMS ≤ d
-    (``clip_threshold``), times :math:`\rho_t`; with ``beta1`` an EMA of U; then
-    :math:`W \leftarrow W(1-\rho_t\lambda) - \alpha\,P U`.  The second moment is factored
-    (a row and a column vector) for matrices, so the state of an r x n low-rank gradient is
-    r + n numbers.  The RMS clip and ``max(eps2, RMS(W))`` are tensor ops: no host sync.
+    The second moment is factored (a row and a column vector), so the state of an r x n
+    low-rank gradient is r + n numbers (plus r n with ``beta1``); no host sync per step.  With
+    ``relative_step=True`` the constructor takes ``lr=None`` (an absolute lr there is refused,
+    as in transformers' Adafactor) and each group stores ``lr=1.0``, the multiplier of the
+    relative step, so LR schedulers scale it.  Groups without ``rank`` get Adafactor itself.
+    Page: docs/methods/galore.md#update-rule.
 
-    With ``relative_step=True`` the constructor takes ``lr=None`` (as transformers'
-    Adafactor: an absolute lr there is a mistake) and each group stores ``lr=1.0``, the
-    multiplier of the relative step, so that LR schedulers (which multiply ``lr``) work
-    and scale it; a param group may set another multiplier explicitly.
+    Args:
+        params: parameters or param groups (dicts); a group may override any keyword below
+            except the four of the optimizer as a whole (``layerwise``, ``accumulation_steps``,
+            ``max_grad_norm``, ``foreach``).
+        lr: ρ's multiplier; must be None when ``relative_step`` (the default), else the step size.
+        eps: (ε1, ε2): added to R² and the floor of RMS(W) (default (1e-30, 1e-3)).
+        clip_threshold: d, the largest RMS of the update before ρ (default 1.0).
+        decay_rate: c < 0 in β̂2 = 1 − t^c (default -0.8).
+        beta1: β1 of an optional first moment (default None: none is kept).
+        weight_decay: λ, decoupled (default 0.0).
+        scale_parameter: multiply ρ by max(ε2, RMS(W)) (default True).
+        relative_step: ρ from the step count (default True; ``lr`` must then be None).
+        warmup_init: with ``relative_step``, warm up as min(10⁻⁶ t, 1/√t) (default False).
+        rank: r, the rank of every group that sets neither ``rank`` nor ``density`` (default None:
+            such a group is dense); at most min(m, n) of every matrix in its group.
+        density: instead of ``rank``: this fraction of each matrix's projected side.
+        update_proj_gap: T, steps between refreshes of the subspace (at steps 0, T, 2T, ...;
+            default 200).
+        scale: α, multiplies the projected-back update (default 0.25, the paper's).
+        proj_type: the side of the basis: ``"std"`` (the shorter side, default), ``"reverse_std"``,
+            ``"left"``, ``"right"`` or ``"full"`` (both sides, an r x r state).
+        projector: how P is computed (default ``"svd"``): ``"svd"`` (exact), ``"rsvd"``
+            (randomized), ``"random"``, ``"gaussian"``, ``"dct"``, ``"columns"``, ``"rows"``,
+            ``"entries"``, ``"blocks"`` or any name given to ``register_projector``.
+        projector_args: the projector's own options, e.g. ``{"oversample": 8}`` for ``"rsvd"``.
+        on_refresh: the moments when the basis changes (default ``"keep"``): ``"keep"``,
+            ``"reset"`` (zeroed, bias correction restarted) or ``"project"`` (re-expressed in the
+            new basis).
+        decay_after_update: True applies the decay after the update (``galore_torch``'s order).
+        seed: base seed of the randomized projectors (the same on every data-parallel rank).
+        layerwise: step each parameter inside backward, as soon as its gradient is complete, and
+            free that gradient (docs/guide.md#layer-wise-mode).
+        accumulation_steps: in layer-wise mode, backward passes per optimizer step (default 1).
+        max_grad_norm: in layer-wise mode, clip each parameter's gradient to this norm (None: no
+            clipping).
+        foreach: None (default) or True steps a group's parameters together with foreach kernels,
+            False one at a time (the same arithmetic).
     """
 
     method_checks = {

@@ -236,27 +236,114 @@ class _WeightNormalizedRows:
 
 
 class GradNormLoRPAdamW(_WeightNormalizedRows, LowRankOptimizer):
-    """GradNormLoRP with Adam moments in the gradient's dtype for the projected direction
-    gradient (as :class:`~lowrank_optim.optim.galore.GaLoreAdamW`) and fp32 ones (fp64 for
-    fp64 weights) for the magnitude; the module docstring has the math, the sign convention
-    for negative magnitudes and the design.  Projected weights with an all-zero row are
-    refused (``ValueError``).
+    """GradNormLoRP: weight-normalised low-rank training (Huang et al., AAAI 2025).
 
-    Args: those of :class:`~lowrank_optim.optim.galore.GaLoreAdamW`.  ``weight_decay``
-    decays the magnitude g (equivalently W); groups without ``rank`` are plain AdamW.
+    Update rule, for a weight W (m x n) in a group with ``rank``, trained as W = g ⊙ V/‖V‖
+    (one norm per row; u = V/‖V‖; g the learned m x 1 magnitude, kept in the state):
+
+        ∂L/∂g = Σ_row G ⊙ u,   ∂L/∂V = g/‖V‖ · (G − (Σ_row G ⊙ u) u),
+        R = Pᵀ ∂L/∂V (GaLore's basis),   N_V, N_g = Adam directions of R and of ∂L/∂g,
+        V' = V − η_t α back(N_V),   g' = g (1 − ηλ) − η_t N_g,   W ← g' ⊙ V'/‖V'‖.
+
+    V is the parameter itself (up to a sign per row where g < 0), so the state holds g and its
+    moments, never a copy of V.  Projected weights with an all-zero row are refused
+    (``ValueError``): such a row has no direction.
+    Moments of R are in the gradient's dtype, those of g in fp32 (fp64 for fp64 weights).
+    A group without ``rank`` (or ``density``) is plain AdamW, ``torch.optim.AdamW``
+    to the bit.
+    Page: docs/methods/gradnorm_lorp.md#update-rule.
+
+    Args:
+        params: parameters or param groups (dicts); a group may override any keyword below
+            except the four of the optimizer as a whole (``layerwise``, ``accumulation_steps``,
+            ``max_grad_norm``, ``foreach``).
+        lr: η, the learning rate (default 1e-3).
+        betas: (β1, β2), the decay rates of the moments (default (0.9, 0.999)).
+        eps: ε (default 1e-8).
+        weight_decay: λ, decoupled (default 1e-2; all four are ``torch.optim.AdamW``'s defaults).
+        eps_style: ``"torch"`` (ε added to √V̂, as ``torch.optim.AdamW``) or ``"hf"`` (ε added to
+            √V, the bias corrections folded into the step size, as ``galore_torch``).
+        rank: r, the rank of every group that sets neither ``rank`` nor ``density`` (default None:
+            such a group is dense); at most min(m, n) of every matrix in its group.
+        density: instead of ``rank``: this fraction of each matrix's projected side.
+        update_proj_gap: T, steps between refreshes of the subspace (at steps 0, T, 2T, ...;
+            default 200).
+        scale: α, multiplies the projected-back update (default 0.25, the paper's).
+        proj_type: the side of the basis: ``"std"`` (the shorter side, default), ``"reverse_std"``,
+            ``"left"``, ``"right"`` or ``"full"`` (both sides, an r x r state).
+        projector: how P is computed (default ``"svd"``): ``"svd"`` (exact), ``"rsvd"``
+            (randomized), ``"random"``, ``"gaussian"``, ``"dct"``, ``"columns"``, ``"rows"``,
+            ``"entries"``, ``"blocks"`` or any name given to ``register_projector``.
+        projector_args: the projector's own options, e.g. ``{"oversample": 8}`` for ``"rsvd"``.
+        on_refresh: the moments when the basis changes (default ``"keep"``): ``"keep"``,
+            ``"reset"`` (zeroed, bias correction restarted) or ``"project"`` (re-expressed in the
+            new basis).
+        decay_after_update: True applies the decay after the update (``galore_torch``'s order).
+        seed: base seed of the randomized projectors (the same on every data-parallel rank).
+        layerwise: step each parameter inside backward, as soon as its gradient is complete, and
+            free that gradient (docs/guide.md#layer-wise-mode).
+        accumulation_steps: in layer-wise mode, backward passes per optimizer step (default 1).
+        max_grad_norm: in layer-wise mode, clip each parameter's gradient to this norm (None: no
+            clipping).
+        foreach: None (default) or True steps a group's parameters together with foreach kernels,
+            False one at a time (the same arithmetic).
     """
 
     method_defaults = ADAM_DEFAULTS
 
 
 class GradNormLoRPAdamW8bit(_WeightNormalizedRows, GaLoreAdamW8bit):
-    """GradNormLoRP with bitsandbytes' blockwise 8-bit Adam moments for the projected
-    direction gradient, and for the magnitude when m ≥ ``min_8bit_size`` (the module
-    docstring has the math and the design).  Projected weights with an all-zero row are
-    refused (``ValueError``).
+    """GradNormLoRP with bitsandbytes' blockwise 8-bit Adam moments (needs ``bitsandbytes``).
 
-    Args: those of :class:`~lowrank_optim.optim.galore.GaLoreAdamW8bit`.  Groups without
-    ``rank`` are 8-bit AdamW without weight normalization.
+    Update rule, for a weight W (m x n) in a group with ``rank``, trained as W = g ⊙ V/‖V‖
+    (one norm per row; u = V/‖V‖; g the learned m x 1 magnitude, kept in the state):
+
+        ∂L/∂g = Σ_row G ⊙ u,   ∂L/∂V = g/‖V‖ · (G − (Σ_row G ⊙ u) u),
+        R = Pᵀ ∂L/∂V (GaLore's basis),   N_V, N_g = 8-bit Adam directions of R and of ∂L/∂g,
+        V' = V − η_t α back(N_V),   g' = g (1 − ηλ) − η_t N_g,   W ← g' ⊙ V'/‖V'‖.
+
+    V is the parameter itself (up to a sign per row where g < 0), so the state holds g and its
+    moments, never a copy of V.  Projected weights with an all-zero row are refused
+    (``ValueError``): such a row has no direction.
+    The magnitude's moments are 8-bit too when m ≥ ``min_8bit_size``.  A group without ``rank``
+    is 8-bit AdamW without weight normalisation.
+    Page: docs/methods/gradnorm_lorp.md#update-rule.
+
+    Args:
+        params: parameters or param groups (dicts); a group may override any keyword below
+            except the four of the optimizer as a whole (``layerwise``, ``accumulation_steps``,
+            ``max_grad_norm``, ``foreach``).
+        lr: η, the learning rate (default 1e-3).
+        betas: (β1, β2), the decay rates of the moments (default (0.9, 0.999)).
+        eps: ε, added to √V̂ as in ``torch.optim.AdamW`` (bitsandbytes' only placement;
+            default 1e-8).
+        weight_decay: λ, decoupled (default 1e-2).
+        min_8bit_size: tensors with fewer elements keep fp32 moments, as in bitsandbytes
+            (default 4096).
+        rank: r, the rank of every group that sets neither ``rank`` nor ``density`` (default None:
+            such a group is dense); at most min(m, n) of every matrix in its group.
+        density: instead of ``rank``: this fraction of each matrix's projected side.
+        update_proj_gap: T, steps between refreshes of the subspace (at steps 0, T, 2T, ...;
+            default 200).
+        scale: α, multiplies the projected-back update (default 0.25, the paper's).
+        proj_type: the side of the basis: ``"std"`` (the shorter side, default), ``"reverse_std"``,
+            ``"left"``, ``"right"`` or ``"full"`` (both sides, an r x r state).
+        projector: how P is computed (default ``"svd"``): ``"svd"`` (exact), ``"rsvd"``
+            (randomized), ``"random"``, ``"gaussian"``, ``"dct"``, ``"columns"``, ``"rows"``,
+            ``"entries"``, ``"blocks"`` or any name given to ``register_projector``.
+        projector_args: the projector's own options, e.g. ``{"oversample": 8}`` for ``"rsvd"``.
+        on_refresh: the moments when the basis changes (default ``"keep"``): ``"keep"``,
+            ``"reset"`` (zeroed, bias correction restarted) or ``"project"`` (re-expressed in the
+            new basis).
+        decay_after_update: True applies the decay after the update (``galore_torch``'s order).
+        seed: base seed of the randomized projectors (the same on every data-parallel rank).
+        layerwise: step each parameter inside backward, as soon as its gradient is complete, and
+            free that gradient (docs/guide.md#layer-wise-mode).
+        accumulation_steps: in layer-wise mode, backward passes per optimizer step (default 1).
+        max_grad_norm: in layer-wise mode, clip each parameter's gradient to this norm (None: no
+            clipping).
+        foreach: None (default) or True steps a group's parameters together with foreach kernels,
+            False one at a time (the same arithmetic).
     """
 
 

@@ -97,16 +97,63 @@ def inverse_fisher_product(history: torch.Tensor, current: int, damping: float) 
 
 
 class NaturalGaLoreAdamW(LowRankOptimizer):
-    """GaLore whose low-rank gradient is preconditioned by a damped inverse empirical Fisher
-    before Adam (module docstring has the math).
+    """Natural GaLore: GaLore with an inverse empirical Fisher on the low-rank gradient (Das, 2024).
 
-    Args: those of :class:`~lowrank_optim.optim.galore.GaLoreAdamW`, and
-        history: s, how many recent projected gradients (the current one included) form the
-            empirical Fisher; costs s * numel(R) per matrix.  The paper uses 20; default 4
-            (see the memory note in the module docstring).
-        damping: λ > 0, the Tikhonov damping of the Fisher (the reference's hard-coded 1e-3).
-        history_on_refresh: ``project`` (re-express the stored gradients in the new basis)
-            or ``clear`` (start a new history) when the subspace changes.
+    Update rule, for a weight W in a group with ``rank``: R = Pᵀ G as in GaLore, g = R
+    flattened, H = [g_{t−s+1}, ..., g_t] the last s = ``history`` of them (the current one
+    included) and δ = ``damping``:
+
+        ĝ = (δ I + H Hᵀ)⁻¹ g   (Woodbury's identity: an s x s Cholesky solve),
+
+    then GaLore's rule with ĝ in place of R:
+
+        M ← β1 M + (1 − β1) ĝ,   V ← β2 V + (1 − β2) ĝ²,
+        W ← W (1 − ηλ) − η α P M̂ / (√V̂ + ε).
+
+    The history costs s · numel(R) numbers per matrix on top of GaLore's state.
+    A group without ``rank`` (or ``density``) is plain AdamW, ``torch.optim.AdamW``
+    to the bit.
+    Page: docs/methods/natural_galore.md#update-rule.
+
+    Args:
+        params: parameters or param groups (dicts); a group may override any keyword below
+            except the four of the optimizer as a whole (``layerwise``, ``accumulation_steps``,
+            ``max_grad_norm``, ``foreach``).
+        lr: η, the learning rate (default 1e-3).
+        betas: (β1, β2), the decay rates of the moments (default (0.9, 0.999)).
+        eps: ε (default 1e-8).
+        weight_decay: λ, decoupled (default 1e-2; all four are ``torch.optim.AdamW``'s defaults).
+        eps_style: ``"torch"`` (ε added to √V̂, as ``torch.optim.AdamW``) or ``"hf"`` (ε added to
+            √V, the bias corrections folded into the step size, as ``galore_torch``).
+        history: s, how many recent projected gradients form the empirical Fisher (default 4; the
+            paper uses 20, which at a one-sided projection costs more than AdamW).
+        damping: δ > 0, the Tikhonov damping of the Fisher (default 1e-3, the reference's value).
+        history_on_refresh: the stored gradients when the subspace changes: ``"project"``
+            (re-expressed in the new basis, default) or ``"clear"``.
+        rank: r, the rank of every group that sets neither ``rank`` nor ``density`` (default None:
+            such a group is dense); at most min(m, n) of every matrix in its group.
+        density: instead of ``rank``: this fraction of each matrix's projected side.
+        update_proj_gap: T, steps between refreshes of the subspace (at steps 0, T, 2T, ...;
+            default 200).
+        scale: α, multiplies the projected-back update (default 0.25, the paper's).
+        proj_type: the side of the basis: ``"std"`` (the shorter side, default), ``"reverse_std"``,
+            ``"left"``, ``"right"`` or ``"full"`` (both sides, an r x r state).
+        projector: how P is computed (default ``"svd"``): ``"svd"`` (exact), ``"rsvd"``
+            (randomized), ``"random"``, ``"gaussian"``, ``"dct"``, ``"columns"``, ``"rows"``,
+            ``"entries"``, ``"blocks"`` or any name given to ``register_projector``.
+        projector_args: the projector's own options, e.g. ``{"oversample": 8}`` for ``"rsvd"``.
+        on_refresh: the moments when the basis changes (default ``"keep"``): ``"keep"``,
+            ``"reset"`` (zeroed, bias correction restarted) or ``"project"`` (re-expressed in the
+            new basis).
+        decay_after_update: True applies the decay after the update (``galore_torch``'s order).
+        seed: base seed of the randomized projectors (the same on every data-parallel rank).
+        layerwise: step each parameter inside backward, as soon as its gradient is complete, and
+            free that gradient (docs/guide.md#layer-wise-mode).
+        accumulation_steps: in layer-wise mode, backward passes per optimizer step (default 1).
+        max_grad_norm: in layer-wise mode, clip each parameter's gradient to this norm (None: no
+            clipping).
+        foreach: None (default) or True steps a group's parameters together with foreach kernels,
+            False one at a time (the same arithmetic).
     """
 
     method_defaults = {**ADAM_DEFAULTS, "history": 4, "damping": 1e-3, "history_on_refresh": "project"}
