@@ -691,8 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--optimizers",
         default="adamw,galore_adamw",
-        help="comma-separated: 'adamw' (torch.optim.AdamW) and any of "
-        + ", ".join(lowrank_optim.available_optimizers()),
+        help="comma-separated: the peers "
+        + ", ".join(f"'{k}' ({v})" for k, v in options.PEERS.items())
+        + " and any of " + ", ".join(lowrank_optim.available_optimizers())
+        + " (also with the Trainer's lowrank_ prefix or transformers' _8bit spelling)",
     )
     parser.add_argument("--steps", type=int, default=1500, help="optimizer steps per optimizer")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
