@@ -3,6 +3,7 @@ their pure helpers.  No timing is asserted: only that every contender is account
 that the numbers are sane, and that our state is the analytical minimum."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -185,3 +186,127 @@ def test_rank_sweep_plot(tmp_path):
     ranks = {(r["optimizer"], r["rank"]) for r in raw["rows"]}
     assert {(m, r) for m in convergence.RANK_METHODS for r in convergence.QUICK_RANKS} <= ranks
     assert (tmp_path / "convergence_quick" / "rank_memory.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------- --preset long
+def test_long_plan_seeds_lrs_and_projectors():
+    runs = convergence.plan_long(16, seeds=range(3), extra_seeds=range(3, 5))
+    assert len({r.name for r in runs}) == len(runs)
+    seeds: dict[tuple, set] = {}
+    for r in runs:
+        if "long" in r.sweeps:
+            seeds.setdefault(r.config, set()).add(r.seed)
+    for lr in convergence.LONG_ADAMW_GRID:  # AdamW's whole grid on every seed: the bracket has error bars
+        assert seeds[("adamw", None, lr, 16, 0.25)] == {0, 1, 2}
+    assert len(seeds) == len(convergence.LONG_ADAMW_GRID) + len(convergence.LONG_CONTENDERS)
+    for optimizer, projector, lr in convergence.LONG_CONTENDERS:
+        config = next(c for c in seeds if c[:3] == (optimizer, projector, lr))
+        assert seeds[config] == ({0, 1, 2, 3, 4} if optimizer in convergence.DECISION else {0, 1, 2})
+        checks = {r.lr for r in runs if "long-lr" in r.sweeps and r.config[:2] == (optimizer, projector)}
+        assert len(checks) == 2 and min(checks) < lr < max(checks)  # one ladder step (about 3x) either side
+        assert all(2.9 < max(x / lr, lr / x) < 3.4 for x in checks)
+        assert all(r.seed == 0 for r in runs if "long-lr" in r.sweeps)
+    # the decision pairs: svd and rsvd at the same lr, and the projector reaches the optimizer
+    pairs = {(o, p) for o, p, _ in convergence.LONG_CONTENDERS if o in convergence.DECISION}
+    assert pairs == {(o, p) for o in convergence.DECISION for p in ("svd", "rsvd")}
+    mini = next(r for r in runs if r.optimizer == "apollo_mini_adamw")
+    assert mini.rank == 1 and mini.scale == pytest.approx(math.sqrt(128))
+    args = convergence.parse_args(["--preset", "long"])
+    settings = convergence.long_settings(args)
+    rsvd = next(r for r in runs if r.projector == "rsvd" and r.seed == 2)
+    parsed = convergence.pretrain_args(rsvd, settings, args)
+    assert parsed.opt_args[rsvd.optimizer]["projector"] == "rsvd" and parsed.seed == 2
+    # the GPU command's filter: AdamW's grid, GaLore and Fira, not the other "..._adamw_" methods
+    chosen = convergence.select(runs, "^adamw_,galore_adamw_lr,fira_adamw_lr")
+    assert {r.optimizer for r in chosen} == {"adamw", "galore_adamw", "fira_adamw"} and len(chosen) == 37
+    # the first seed's runs (lr checks included) come before any other seed's
+    first_other = next(i for i, r in enumerate(runs) if r.seed != 0)
+    assert all(r.seed == 0 for r in runs[:first_other]) and all(r.seed != 0 for r in runs[first_other:])
+
+
+def test_long_settings_reach_15_tokens_per_parameter():
+    settings = convergence.long_settings(convergence.parse_args(["--preset", "long"]))
+    parameters = convergence.pretrain.count_parameters(convergence.pretrain.build_model(settings["model"]))
+    assert settings["steps"] * settings["batch_size"] * settings["seq_len"] / parameters >= 15
+    assert settings["warmup"] == settings["steps"] // 10  # the papers' 10% warmup
+    assert settings["rank"] * 4 == convergence.pretrain.MODEL_SHAPES[settings["model"]].hidden_size
+    gpu = convergence.long_settings(convergence.parse_args(["--preset", "long", "--model", "60m", "--steps", "500"]))
+    assert (gpu["warmup"], gpu["rank"]) == (50, 128)
+
+
+def _rows(optimizer, projector, lr, losses, sweeps=("long",)):
+    return [{"optimizer": optimizer, "projector": projector, "lr": lr, "rank": 16, "seed": seed, "val_loss": loss,
+             "config": (optimizer, projector, lr, 16, 0.25), "sweeps": sweeps, "state_bytes": 100, "parameters": 10,
+             "train_step_ms": 1.0, "eval_history": [(0, 5.5), (10, loss)]}
+            for seed, loss in enumerate(losses)]  # fmt: skip
+
+
+def test_long_statistics_bracket_and_projector_verdicts():
+    rows = (_rows("adamw", None, 1e-3, [2.0, 2.2, 2.4]) + _rows("adamw", None, 3e-3, [1.9, 2.0, 2.1])
+            + _rows("adamw", None, 1e-2, [2.5, 2.6, 2.7]))  # fmt: skip
+    rows += _rows("galore_adamw", "svd", 1e-2, [1.0, 1.1, 1.2]) + _rows("galore_adamw", "rsvd", 1e-2, [1.01, 1.11, 1.19])
+    rows += _rows("fira_adamw", "svd", 1e-2, [1.0, 1.01, 1.02]) + _rows("fira_adamw", "rsvd", 1e-2, [1.1, 1.11, 1.12])
+    groups = convergence.seed_groups(rows)
+    adamw = convergence.best_adamw(groups)
+    assert adamw["lr"] == 3e-3 and adamw["mean"] == pytest.approx(2.0) and adamw["std"] == pytest.approx(0.1)
+    assert (adamw["min"], adamw["max"], adamw["seeds"]) == (1.9, 2.1, [0, 1, 2])
+    assert "**interior**" in convergence.adamw_bracket(groups)
+    edge = [g for g in groups if not (g["optimizer"] == "adamw" and g["lr"] == 1e-2)]
+    assert "grid's edge" in convergence.adamw_bracket([g for g in edge if not (g["optimizer"] == "adamw" and g["lr"] == 1e-3)])
+    galore, fira = convergence.projector_verdicts(groups)
+    assert galore.startswith("- GaLoreAdamW") and "**within seed noise**" in galore  # 0.0033 against a 0.1 spread
+    assert fira.startswith("- FiraAdamW") and "**rsvd higher than svd by more than the seed noise**" in fira
+    assert "+0.1000" in fira  # +0.1 on every seed, against a spread of 0.01
+    better = [g | {"losses": [x - 0.2 for x in g["losses"]]} if g["projector"] == "rsvd" else g for g in groups]
+    assert "**rsvd lower than svd by more than the seed noise**" in convergence.projector_verdicts(better)[0]
+    table = convergence.long_table([g for g in groups if "long" in g["sweeps"]], adamw)
+    assert "| GaLoreAdamW (rsvd) | 0.01 | 16 | 3 | 1.1033 ± 0.0902 |" in table
+    assert table.index("torch AdamW | 0.001") < table.index("torch AdamW | 0.003")  # AdamW first, by lr
+
+
+def test_long_lr_check_names_a_better_neighbour():
+    lrs = {(o, p): x for o, p, x in convergence.LONG_CONTENDERS}
+    lr = lrs[("galore_adamw", "svd")]
+    low, high = convergence.ladder_step(lr, -1), convergence.ladder_step(lr, 1)
+    rows = _rows("galore_adamw", "svd", lr, [1.5]) + _rows("galore_adamw", "svd", low, [1.6], ("long-lr",))
+    rows += _rows("galore_adamw", "svd", high, [1.4], ("long-lr",))
+    dct = lrs[("dct_adamw", None)]
+    rows += _rows("dct_adamw", None, dct, [1.5])
+    table = convergence.lr_check_table(rows, first_seed=0)
+    assert f"| GaLoreAdamW (svd) | {lr:g}: 1.5000 | 1.6000 ({low:g}) | 1.4000 ({high:g}) | **{high:g}** (-0.1000) |" in table
+    assert f"| DCTAdamW | {dct:g}: 1.5000 | - | - | this lr |" in table
+
+
+def test_long_quick_two_shards_then_resume(tmp_path, monkeypatch):
+    """The preset at a toy size, as two shards in turn: each trains its half, the second's
+    report holds both, and a third call trains nothing."""
+    argv = ["--preset", "long", "--quick", "--no-progress", "--out", str(tmp_path)]
+    first = convergence.main([*argv, "--shard", "0/2", "--no-plots"])
+    planned = len(convergence.LONG_ADAMW_GRID) + len(convergence.LONG_CONTENDERS)
+    assert len(first["rows"]) == planned  # 2 seeds, every other run
+    second = convergence.main([*argv, "--shard", "1/2"])
+    assert len(second["rows"]) == 2 * planned
+    assert {r["run"] for r in first["rows"]} < {r["run"] for r in second["rows"]}
+    groups = second["groups"]
+    assert len(groups) == planned and all(g["seeds"] == [0, 1] for g in groups)
+    for g in groups:
+        assert math.isfinite(g["mean"]) and g["std"] >= 0 and g["min"] <= g["mean"] <= g["max"]
+        assert g["state_bytes"] > 0
+    assert {(g["optimizer"], g["projector"]) for g in groups} >= {(o, p) for o, p, _ in convergence.LONG_CONTENDERS}
+    settings = second["settings"]
+    tokens = convergence.LONG_QUICK["steps"] * convergence.LONG_QUICK["batch_size"] * convergence.LONG_QUICK["seq_len"]
+    assert (settings["parameters"], settings["tokens"]) == (131_904, tokens)
+    out = tmp_path / "convergence_long_quick"
+    report = (out / "convergence_long.md").read_text()
+    assert "131,904 parameters" in report and f"{tokens:,} training tokens" in report
+    assert "below the issue's 15" in report  # the toy size says it is a toy
+    assert report.count("seed noise**") == 2  # the GaLore and Fira svd/rsvd verdicts, one each
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "convergence_long.png").stat().st_size > 1000
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(convergence.pretrain, "train_one", no_training)
+    again = convergence.main(argv)
+    assert [r["val_loss"] for r in again["rows"]] == [r["val_loss"] for r in second["rows"]]
