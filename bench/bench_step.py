@@ -67,6 +67,8 @@ def params_with_grads(shapes, device: torch.device, seed: int = 0) -> list[torch
 
 
 def ours(cls=lowrank_optim.GaLoreAdamW, **kw) -> Callable:
+    kw.setdefault("projector", "svd")  # the peers' exact SVD unless a row names another
+
     def make(params, rank, gap):
         group = {"params": params, "rank": rank, "update_proj_gap": gap, "scale": SCALE, "proj_type": "std"}
         return cls([group], lr=LR, weight_decay=0.0, **kw)

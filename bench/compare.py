@@ -168,6 +168,8 @@ def contenders(rank: int, gap: int) -> list[Contender]:
     def ours(name: str, **extra):
         def make(stack):
             kw = {"rank": rank, "update_proj_gap": gap, "lr": LR, "weight_decay": 0.0, **extra}
+            if lowrank_optim.optim.OPTIMIZERS[name].hyperparameter_defaults()["projector"] == "rsvd":
+                kw.setdefault("projector", "svd")  # the peers' exact SVD unless a row names another
             if name != "frugal_adamw":  # FRUGAL's state-full part takes the full step (scale 1)
                 kw.setdefault("scale", SCALE)
             return lowrank_optim.create_optimizer(name, stack, summary=False, **kw)

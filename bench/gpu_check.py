@@ -183,7 +183,8 @@ def stage_step(out: Path, tiny: bool, repeats: int, steady_steps: int) -> int:
     makers = {
         "galore_torch": lambda gap: galore_torch.GaLoreAdamW(group(params(), gap), lr=1e-3, weight_decay=0.0,
                                                              no_deprecation_warning=True),
-        "ours svd": lambda gap: lowrank_optim.GaLoreAdamW(group(params(), gap), lr=1e-3, weight_decay=0.0),
+        "ours svd": lambda gap: lowrank_optim.GaLoreAdamW(group(params(), gap), lr=1e-3, weight_decay=0.0,
+                                                          projector="svd"),
         "ours rsvd": lambda gap: lowrank_optim.GaLoreAdamW(group(params(), gap), lr=1e-3, weight_decay=0.0,
                                                            projector="rsvd"),
     }  # fmt: skip

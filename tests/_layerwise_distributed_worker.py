@@ -32,7 +32,10 @@ SIZES = (6, 9, 11, 3)
 def make_optimizer(name: str, model: nn.Module, **loop) -> torch.optim.Optimizer:
     projected = [model[0].weight, model[2].weight]
     others = [p for p in model.parameters() if all(p is not q for q in projected)]
-    group = {"params": projected, "rank": 2, "update_proj_gap": 4}
+    # The exact SVD unless named: the regular step refreshes same-shaped matrices together
+    # (rsvd batches them), layer-wise mode one by one, and on these tiny matrices with close
+    # singular values the two roundings can pick visibly different bases.
+    group = {"params": projected, "rank": 2, "update_proj_gap": 4, "projector": "svd"}
     builders = {
         "galore_svd": lambda: lo.GaLoreAdamW([group, {"params": others}], lr=1e-2, weight_decay=0.1, **loop),
         "galore_rsvd": lambda: lo.GaLoreAdamW([{**group, "projector": "rsvd"}, {"params": others}], lr=1e-2, **loop),

@@ -47,3 +47,23 @@ def test_old_checkpoint_loads_and_continues_identically(name):
             assert torch.equal(p, expected)
         else:  # projected back straight into the weight (one addmm_): rounding moves by an ulp
             torch.testing.assert_close(p, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_an_svd_checkpoint_resumes_under_the_rsvd_default_and_keeps_its_projector():
+    """The default projector became rsvd (docs/benchmarks.md): a checkpoint trained with the
+    exact SVD (the old default) loads into an optimizer built with the new default and goes
+    on with the checkpoint's projector; projectors that keep another state stay refused."""
+    import lowrank_optim as lo
+
+    mats, bias = make_params()
+    old = lo.GaLoreAdamW([{"params": mats, "rank": 2, "projector": "svd"}, {"params": [bias]}])
+    fake_grads([*mats, bias], 0)
+    old.step()
+    saved = old.state_dict()
+    resumed = lo.GaLoreAdamW([{"params": mats, "rank": 2}, {"params": [bias]}])
+    assert resumed.param_groups[0]["projector"] == "rsvd"
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["projector"] == "svd"
+    dct = lo.GaLoreAdamW([{"params": mats, "rank": 2, "projector": "dct"}, {"params": [bias]}])
+    with pytest.raises(ValueError, match="projector='svd', this optimizer was built with projector='dct'"):
+        dct.load_state_dict(saved)

@@ -125,9 +125,9 @@ def test_readme_usage_trains_bit_identically(case, proj_type, galore_torch_8bit_
 
 
 def test_guide_recipe_needs_weight_decay_zero():
-    """docs/guide.md: our GaLoreAdamW equals galore_torch's with eps=1e-6, weight_decay=0.0,
+    """docs/guide.md: our GaLoreAdamW equals galore_torch's with projector="svd", eps=1e-6, weight_decay=0.0,
     eps_style="hf", decay_after_update=True; our default weight decay (1e-2) is not its 0."""
-    recipe = {"lr": 0.01, "eps": 1e-6, "eps_style": "hf", "decay_after_update": True}
+    recipe = {"lr": 0.01, "eps": 1e-6, "eps_style": "hf", "decay_after_update": True, "projector": "svd"}
     model, twin = twin_models(seed=1)
     ref = build(galore_torch, "GaLoreAdamW", readme_param_groups(twin, "std"), {"lr": 0.01})
     train(model, lo.GaLoreAdamW(readme_param_groups(model, "std"), weight_decay=0.0, **recipe), STEPS)

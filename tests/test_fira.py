@@ -41,7 +41,7 @@ def test_reference_compat_is_bit_identical_to_fira(proj_type):
     common = dict(lr=3e-3, betas=(0.85, 0.97), eps=1e-6, weight_decay=0.1)
     ours = FiraAdamW(
         [{"params": a[:n], "scale": 0.37, **low}, {"params": [a[3]]}],
-        eps_style="hf", decay_after_update=True, reference_compat=True, **common,
+        eps_style="hf", decay_after_update=True, reference_compat=True, projector="svd", **common,
     )
     ref = fira.FiraAdamW(
         [{"params": b[:n], "alpha": 0.37, **low}, {"params": [b[3]]}], no_deprecation_warning=True, **common
@@ -124,7 +124,7 @@ def run_paper(scaling, steps=13, **overrides):
     opt = FiraAdamW(
         [{"params": mats[:2], "rank": hyper["rank"], "update_proj_gap": hyper["gap"], "scale": hyper["scale"]}],
         lr=hyper["lr"], betas=hyper["betas"], eps=hyper["eps"], weight_decay=hyper["weight_decay"],
-        norm_growth_limit=hyper["gamma"], scaling=scaling,
+        norm_growth_limit=hyper["gamma"], scaling=scaling, projector="svd",  # the reference's exact SVD
     )
     grad_steps = [grads_for(t, SHAPES[:2]) for t in range(steps)]
     for grads in grad_steps:

@@ -122,6 +122,7 @@ def run_both(steps, **overrides):
         [{"params": mats, "rank": hyper["rank"], "update_proj_gap": hyper["gap"], "scale": hyper["scale"]}],
         lr=hyper["lr"], betas=hyper["betas"], eps=hyper["eps"], weight_decay=hyper["weight_decay"],
         history=hyper["history"], damping=hyper["damping"], history_on_refresh=hyper["on_refresh"],
+        projector="svd",  # the reference's exact SVD
     )
     grad_steps = [grads_for(t, SHAPES) for t in range(steps)]
     for grads in grad_steps:

@@ -96,6 +96,9 @@ class _GaLoreTorchGroups:
                     where,
                 )
             param_group[key] = value
+        # galore_torch's basis is the exact SVD's (ours defaults to the randomized one); a
+        # group may still name another projector, which galore_torch does not have.
+        param_group.setdefault("projector", "svd")
         if param_group.get("rank") is not None:
             missing = [key for key in GALORE_TORCH_GROUP_KEYS if key not in param_group]
             if missing:

@@ -138,7 +138,7 @@ class NaturalGaLoreAdamW(LowRankOptimizer):
         scale: α, multiplies the projected-back update (default 0.25, the paper's).
         proj_type: the side of the basis: ``"std"`` (the shorter side, default), ``"reverse_std"``,
             ``"left"``, ``"right"`` or ``"full"`` (both sides, an r x r state).
-        projector: how P is computed (default ``"svd"``): ``"svd"`` (exact), ``"rsvd"``
+        projector: how P is computed (default ``"rsvd"``): ``"svd"`` (exact), ``"rsvd"``
             (randomized), ``"random"``, ``"gaussian"``, ``"dct"``, ``"columns"``, ``"rows"``,
             ``"entries"``, ``"blocks"`` or any name given to ``register_projector``.
         projector_args: the projector's own options, e.g. ``{"oversample": 8}`` for ``"rsvd"``.

@@ -66,6 +66,10 @@ class Projector:
     #: seed (``random``, coordinate subsets) is the same on every rank without the
     #: gradient, so a sharded parameter refreshes it with no communication.
     refresh_reads_gradient: ClassVar[bool] = True
+    #: Projectors of one family keep the same state (the same keys, shapes and meaning),
+    #: so a checkpoint of one resumes under another (the exact and the randomized SVD:
+    #: orthonormal singular-vector bases); None: a state of its own.
+    state_family: ClassVar[str | None] = None
     #: Options the projector accepts through ``projector_args`` and their defaults.
     option_defaults: ClassVar[dict[str, Any]] = {}
     option_checks: ClassVar[dict[str, Check]] = {}

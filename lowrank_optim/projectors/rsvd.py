@@ -36,6 +36,7 @@ class RandomizedSVDProjector(Projector):
     """
 
     name = "rsvd"
+    state_family = "singular_vectors"
     option_defaults = {"oversample": 8, "power_iters": 2, "batch": 8}
     option_checks = {"oversample": int_at_least(0), "power_iters": int_at_least(0), "batch": int_at_least(1)}
     batches_refresh = True

@@ -15,6 +15,7 @@ class SVDProjector(Projector):
     """
 
     name = "svd"
+    state_family = "singular_vectors"
 
     def compute_bases(self, matrix: torch.Tensor, pstate: dict) -> dict[str, torch.Tensor]:
         u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
