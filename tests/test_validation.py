@@ -223,3 +223,18 @@ def test_torch_optim_keywords_at_their_default_are_accepted_as_torch_takes_them(
     a = cls([{"params": mats(), "rank": 2}], **torch_style)
     b = cls([{"params": mats(), "rank": 2}])
     assert a.defaults == b.defaults
+
+
+def test_a_keyword_without_a_description_is_an_error_when_the_class_is_defined():
+    """optim/argdocs.py fills the shared keyword descriptions into each class docstring; a
+    class keyword that has none (neither its own nor a shared one) fails at definition."""
+    with pytest.raises(TypeError, match=r"no description of keyword\(s\) \['brand_new'\]"):
+
+        class Undocumented(lo.LowRankOptimizer):
+            """An optimizer with an undocumented keyword.
+
+            Args:
+                lr: its own description.
+            """
+
+            method_defaults = {"lr": 1e-3, "brand_new": 1}

@@ -47,6 +47,7 @@ from .. import distributed
 from ..projectors import PROJ_TYPES, REGISTRY, Projector, RefreshFailed, is_projected, make_projector
 from ..projectors.base import CLOCK
 from ..quant.int8_linear import is_int8_weight
+from .argdocs import complete_args
 from .layerwise import LayerwiseMixin
 from .rules import Adam, MomentRule, Update
 
@@ -236,6 +237,15 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
             [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
             + [inspect.Parameter(k, keyword, default=v) for k, v in cls.hyperparameter_defaults().items()]
         )
+        # The same for ``help()``: a class describes only its own keywords under ``Args:``,
+        # the shared descriptions are filled in from one table (optim/argdocs.py).  A class
+        # with a constructor of its own (lowrank_optim.compat) documents that one itself.
+        init = vars(cls).get("__init__")
+        named = init is not None and any(
+            p.kind is not inspect.Parameter.VAR_KEYWORD for p in list(inspect.signature(init).parameters.values())[2:]
+        )
+        if "__doc__" in vars(cls) and not named:
+            cls.__doc__ = complete_args(vars(cls)["__doc__"], ["params", *cls.hyperparameter_defaults()])
 
     @classmethod
     def hyperparameter_defaults(cls) -> dict[str, Any]:

@@ -67,39 +67,12 @@ class DCTAdamW(GaLoreAdamW):
     Page: docs/methods/dct.md#update-rule.
 
     Args:
-        params: parameters or param groups (dicts); a group may override any keyword below
-            except the four of the optimizer as a whole (``layerwise``, ``accumulation_steps``,
-            ``max_grad_norm``, ``foreach``).
-        lr: η, the learning rate (default 1e-3).
-        betas: (β1, β2), the decay rates of the moments (default (0.9, 0.999)).
-        eps: ε (default 1e-8).
-        weight_decay: λ, decoupled (default 1e-2; all four are ``torch.optim.AdamW``'s defaults).
-        eps_style: ``"torch"`` (ε added to √V̂, as ``torch.optim.AdamW``) or ``"hf"`` (ε added to
-            √V, the bias corrections folded into the step size, as ``galore_torch``).
-        rank: r, the rank of every group that sets neither ``rank`` nor ``density`` (default None:
-            such a group is dense); at most min(m, n) of every matrix in its group.
-        density: instead of ``rank``: this fraction of each matrix's projected side.
-        update_proj_gap: T, steps between refreshes of the subspace (at steps 0, T, 2T, ...;
-            default 200).
-        scale: α, multiplies the projected-back update (default 0.25, the paper's).
-        proj_type: the side of the basis: ``"std"`` (the shorter side, default), ``"reverse_std"``,
-            ``"left"``, ``"right"`` or ``"full"`` (both sides, an r x r state).
         projector: default ``"dct"``; any other name as in ``GaLoreAdamW``.  The DCT's options go in
             ``projector_args``: ``norm`` (``"l2"`` or ``"l1"``) and ``transform``
             (``"fft"`` or ``"matmul"``).
-        projector_args: the projector's own options, e.g. ``{"oversample": 8}`` for ``"rsvd"``.
         on_refresh: the moments when the basis changes (default ``"project"``): ``"keep"``,
             ``"reset"`` (zeroed, bias correction restarted) or ``"project"`` (re-expressed in the
             new basis).
-        decay_after_update: True applies the decay after the update (``galore_torch``'s order).
-        seed: base seed of the randomized projectors (the same on every data-parallel rank).
-        layerwise: step each parameter inside backward, as soon as its gradient is complete, and
-            free that gradient (docs/guide.md#layer-wise-mode).
-        accumulation_steps: in layer-wise mode, backward passes per optimizer step (default 1).
-        max_grad_norm: in layer-wise mode, clip each parameter's gradient to this norm (None: no
-            clipping).
-        foreach: None (default) or True steps a group's parameters together with foreach kernels,
-            False one at a time (the same arithmetic).
     """
 
     method_defaults = {**GaLoreAdamW.method_defaults, "projector": "dct", "on_refresh": "project"}
