@@ -129,18 +129,12 @@ class ApolloAdamW(LowRankOptimizer):
 class ApolloMiniAdamW(ApolloAdamW):
     """APOLLO-Mini: ``ApolloAdamW`` at rank 1, one factor per tensor, α = √128.
 
-    Update rule, for a weight W (m x n) in a group with ``rank`` r: P a seeded Gaussian sketch
-    (entries N(0, 1/r), redrawn every T steps from its seed, never stored) and
+    Update rule: :class:`ApolloAdamW`'s with a rank-1 Gaussian sketch p and one factor for
+    the whole tensor,
 
-        R = Pᵀ G,   M, V ← Adam moments of R,   R̃ = M̂ / (√V̂ + ε),
-        s_j = ‖R̃_{:,j}‖ / (‖R_{:,j}‖ + 10⁻⁸)  (``scaling="channel"``),
-        s = ‖R̃‖ / (‖R‖ + 10⁻⁸)  (``scaling="tensor"``),
-        S = G diag(s),
-        S ← S · γ‖S_prev‖ / ‖S‖  when ‖S‖ > γ‖S_prev‖   (γ = ``norm_growth_limit``),
-        W ← W (1 − ηλ) − η_t α S   (η_t: η with β1's bias correction).
+        R = pᵀ G,   R̃ = M̂ / (√V̂ + ε) of its Adam moments,   s = ‖R̃‖ / (‖R‖ + 10⁻⁸),
+        W ← W (1 − ηλ) − η_t √128 s G   (after the norm-growth limiter).
 
-    The update is the raw gradient scaled per channel: the state per matrix is the two moments
-    (2 r n numbers) and the limiter's norm.
     The Mini preset: ``scaling="tensor"``, α = √128 (the reference's ``scale=128``, which it
     applies as √128) and rank 1, the SGD-like memory point (two 1 x n or m x 1 moments per
     matrix); ``create_optimizer("apollo_mini_adamw", model)`` and the Trainer project the
