@@ -163,3 +163,39 @@ def test_factory_projects_expert_stacks_and_conv1d_and_says_what_it_projected(ca
     names = lo.param_groups(gpt2, ("attn", "mlp"), rank=2)[0]["param_names"]
     assert names == ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
                      "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"]
+
+
+@pytest.mark.parametrize("name", lo.available_optimizers())
+def test_every_optimizer_steps_a_stack_resumes_it_in_bf16_and_skips_a_nan_refresh(name):
+    """The paths after the happy one, for a stack: hooks that look a parameter up (its name,
+    position, seed) get one matrix of it; a checkpoint resumes into a bf16 model; a NaN
+    gradient at a refresh leaves the weights as they were."""
+    import warnings
+
+    cls = lo.optim.OPTIMIZERS[name]
+    kw = {"min_8bit_size": 16} if "8bit" in name else {}
+    if name != "galore_adafactor":
+        kw["lr"] = 1e-2
+    size = {"density": 0.5} if name == "frugal_adamw" else {"rank": 2}
+    torch.manual_seed(0)
+    stack = nn.Parameter(torch.randn(E, M, N) * 0.3)
+    opt = cls([{"params": [stack], "update_proj_gap": 2, **size}], **kw)
+    for _ in range(4):  # refreshes at steps 0 and 2
+        stack.grad = torch.randn_like(stack)
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    half = nn.Parameter(stack.detach().to(torch.bfloat16))
+    resumed = cls([{"params": [half], "update_proj_gap": 2, **size}], **kw)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    half.grad = torch.randn_like(half)
+    resumed.step()
+    assert torch.isfinite(half).all() and not torch.equal(half, stack.detach().to(torch.bfloat16))
+    before = stack.detach().clone()
+    stack.grad = torch.full_like(stack, float("nan"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()  # step 4 refreshes: skipped, basis and weights kept
+    assert torch.equal(stack, before)
+    assert any("refresh skipped" in str(w.message) for w in caught)

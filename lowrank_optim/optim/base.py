@@ -744,19 +744,33 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
 
     # ------------------------------------------------------------------ layer-wise mode (layerwise.py)
     def _position(self, p: torch.Tensor) -> tuple[int, int]:
-        """(group index, position among all parameters), cached.
+        """(group index, position among all parameters) of ``p`` (or of the parameter it is
+        a view of), cached.
 
         Indices, not group dicts: load_state_dict replaces the dicts but keeps their order.
         """
+        return self._position_map()[id(self._parameter_of(p))]
+
+    def _position_map(self) -> dict[int, tuple[int, int]]:
         if self._positions is None:
             params = ((i, q) for i, g in enumerate(self.param_groups) for q in g["params"])
             self._positions = {id(q): (i, pos) for pos, (i, q) in enumerate(params)}
-        return self._positions[id(p)]
+        return self._positions
+
+    def _parameter_of(self, t: torch.Tensor) -> torch.Tensor:
+        """The parameter ``t`` is, or a view of: the step hands its hooks views of a
+        parameter (one matrix of a stack, a complex parameter's real pairs), and what is
+        known per parameter (position, name, seed, warnings) belongs to the parameter."""
+        positions = self._position_map()
+        while id(t) not in positions and t._base is not None:
+            t = t._base
+        return t
 
     # ------------------------------------------------------------------ helpers
     def _group_slot(self, p: torch.Tensor, group: dict) -> tuple[int, int]:
         """(index of ``p`` in its group, group size): for projectors that choose among the
         matrices of a group (FRUGAL's blocks)."""
+        p = self._parameter_of(p)
         return next(i for i, q in enumerate(group["params"]) if q is p), len(group["params"])
 
     def _param_seed(self, p: torch.Tensor, group: dict) -> int:
@@ -764,7 +778,7 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         return group["seed"] * 1_000_003 + self._position(p)[1]
 
     def _warn_once(self, p: torch.Tensor, message: str) -> None:
-        key = id(p)
+        key = id(self._parameter_of(p))
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(f"{type(self).__name__}: parameter of shape {tuple(p.shape)}: {message}", RuntimeWarning)
