@@ -238,3 +238,14 @@ def test_a_keyword_without_a_description_is_an_error_when_the_class_is_defined()
             """
 
             method_defaults = {"lr": 1e-3, "brand_new": 1}
+
+
+def test_shared_keyword_descriptions_show_each_class_its_own_default():
+    """A class inherits a keyword's description (from a base class or the shared table) with
+    its own default filled in: APOLLO-Mini's scale is √128, FRUGAL's on_refresh is reset."""
+    for cls in lo.optim.OPTIMIZERS.values():
+        assert "{default}" not in cls.__doc__, cls.__name__
+    assert "scale: α, multiplies the projected-back update (default 11.3137)." in lo.ApolloMiniAdamW.__doc__
+    assert 'default ``"tensor"``' in lo.ApolloMiniAdamW.__doc__ and 'default ``"channel"``' in lo.ApolloAdamW.__doc__
+    assert 'on_refresh: the moments when the basis changes (default ``"reset"``)' in lo.FrugalAdamW.__doc__
+    assert 'projector: how P is computed (default ``"rsvd"``)' in lo.GaLoreAdamW.__doc__

@@ -73,11 +73,10 @@ class ApolloAdamW(LowRankOptimizer):
     Args:
         scaling: ``"channel"`` (one factor per channel of the side the sketch keeps at full
             length; needs a one-sided ``proj_type``) or ``"tensor"`` (one factor for the matrix);
-            default ``"channel"``.
-        scale: α, multiplies the projected-back update (default 1.0).
-        projector: how P is computed (default ``"gaussian"``): ``"svd"`` (exact), ``"rsvd"``
-            (randomized), ``"random"``, ``"gaussian"``, ``"dct"``, ``"columns"``, ``"rows"``,
-            ``"entries"``, ``"blocks"`` or any name given to ``register_projector``.
+            default {default}.
+        norm_growth_limit: γ ≥ 1, the largest growth of ‖S‖ from one step to the next (default
+            {default}); None disables the limiter.
+        reference_compat: ``apollo_torch``'s arithmetic (its limiter, α after it; default {default}).
     """
 
     #: Used by ``create_optimizer`` when given a model and no rank (the presets).
@@ -144,13 +143,6 @@ class ApolloMiniAdamW(ApolloAdamW):
     Page: docs/methods/apollo.md#update-rule.
 
     Args:
-        scaling: ``"channel"`` (one factor per channel of the side the sketch keeps at full
-            length; needs a one-sided ``proj_type``) or ``"tensor"`` (one factor for the matrix);
-            default ``"tensor"``.
-        scale: α, multiplies the projected-back update (default √128 ≈ 11.31).
-        projector: how P is computed (default ``"gaussian"``): ``"svd"`` (exact), ``"rsvd"``
-            (randomized), ``"random"``, ``"gaussian"``, ``"dct"``, ``"columns"``, ``"rows"``,
-            ``"entries"``, ``"blocks"`` or any name given to ``register_projector``.
     """
 
     preset_rank = 1

@@ -1,13 +1,16 @@
 """The keyword descriptions every optimizer class shares, written once.
 
 A class docstring lists under ``Args:`` only the keywords it describes its own way;
-:func:`complete_args` (run for every class by ``LowRankOptimizer.__init_subclass__``)
-fills in the others from :data:`SHARED_ARGS`, in the order of the constructor's
-signature, so ``help()`` shows every keyword without twelve copies of the same lines.
+:func:`complete_args` (run for every class by ``LowRankOptimizer.__init_subclass__``) fills
+in the others, in the order of the constructor's signature: from the nearest base class that
+describes the keyword, else from :data:`SHARED_ARGS`.  ``{default}`` in an entry becomes the
+class's own default, so ``help()`` shows every keyword with the right default without a copy
+of the same lines per class.
 """
 from __future__ import annotations
 
 import re
+from typing import Any
 
 #: Keyword -> its ``Args:`` entry (8-space indented, continuation lines 12).
 SHARED_ARGS: dict[str, str] = {
@@ -17,16 +20,16 @@ SHARED_ARGS: dict[str, str] = {
         '            ``max_grad_norm``, ``foreach``).\n'
     ),
     'lr': (
-        '        lr: η, the learning rate (default 1e-3).\n'
+        '        lr: η, the learning rate (default {default}).\n'
     ),
     'betas': (
         '        betas: (β1, β2), the decay rates of the moments (default (0.9, 0.999)).\n'
     ),
     'eps': (
-        '        eps: ε (default 1e-8).\n'
+        '        eps: ε (default {default}).\n'
     ),
     'weight_decay': (
-        "        weight_decay: λ, decoupled (default 1e-2; all four are ``torch.optim.AdamW``'s defaults).\n"
+        '        weight_decay: λ, decoupled (default {default}).\n'
     ),
     'eps_style': (
         '        eps_style: ``"torch"`` (ε added to √V̂, as ``torch.optim.AdamW``) or ``"hf"`` (ε added to\n'
@@ -41,17 +44,17 @@ SHARED_ARGS: dict[str, str] = {
     ),
     'update_proj_gap': (
         '        update_proj_gap: T, steps between refreshes of the subspace (at steps 0, T, 2T, ...;\n'
-        '            default 200).\n'
+        '            default {default}).\n'
     ),
     'scale': (
-        "        scale: α, multiplies the projected-back update (default 0.25, the paper's).\n"
+        '        scale: α, multiplies the projected-back update (default {default}).\n'
     ),
     'proj_type': (
         '        proj_type: the side of the basis: ``"std"`` (the shorter side, default), ``"reverse_std"``,\n'
         '            ``"left"``, ``"right"`` or ``"full"`` (both sides, an r x r state).\n'
     ),
     'projector': (
-        '        projector: how P is computed (default ``"rsvd"``): ``"svd"`` (exact), ``"rsvd"``\n'
+        '        projector: how P is computed (default {default}): ``"svd"`` (exact), ``"rsvd"``\n'
         '            (randomized), ``"random"``, ``"gaussian"``, ``"dct"``, ``"columns"``, ``"rows"``,\n'
         '            ``"entries"``, ``"blocks"`` or any name given to ``register_projector``.\n'
     ),
@@ -59,7 +62,7 @@ SHARED_ARGS: dict[str, str] = {
         '        projector_args: the projector\'s own options, e.g. ``{"oversample": 8}`` for ``"rsvd"``.\n'
     ),
     'on_refresh': (
-        '        on_refresh: the moments when the basis changes (default ``"keep"``): ``"keep"``,\n'
+        '        on_refresh: the moments when the basis changes (default {default}): ``"keep"``,\n'
         '            ``"reset"`` (zeroed, bias correction restarted) or ``"project"`` (re-expressed in the\n'
         '            new basis).\n'
     ),
@@ -74,7 +77,7 @@ SHARED_ARGS: dict[str, str] = {
         '            free that gradient (docs/guide.md#layer-wise-mode).\n'
     ),
     'accumulation_steps': (
-        '        accumulation_steps: in layer-wise mode, backward passes per optimizer step (default 1).\n'
+        '        accumulation_steps: in layer-wise mode, backward passes per optimizer step (default {default}).\n'
     ),
     'max_grad_norm': (
         "        max_grad_norm: in layer-wise mode, clip each parameter's gradient to this norm (None: no\n"
@@ -86,53 +89,68 @@ SHARED_ARGS: dict[str, str] = {
     ),
     'min_8bit_size': (
         '        min_8bit_size: tensors with fewer elements keep fp32 moments, as in bitsandbytes\n'
-        '            (default 4096).\n'
-    ),
-    'scaling': (
-        '        scaling: ``"column"`` (one factor per channel of the kept side; needs a one-sided\n'
-        '            ``proj_type``, default) or ``"matrix"`` (one Frobenius ratio).\n'
-    ),
-    'norm_growth_limit': (
-        '        norm_growth_limit: γ ≥ 1, the largest growth of ‖S‖ from one step to the next (default\n'
-        '            1.01); None disables the limiter.\n'
-    ),
-    'reference_compat': (
-        "        reference_compat: ``apollo_torch``'s arithmetic (its limiter, α after it; default False).\n"
+        '            (default {default}).\n'
     ),
 }
 
+_ARGS = re.compile(r"^( *)Args:\n", re.M)
 
-def complete_args(doc: str | None, keywords: list[str]) -> str | None:
-    """``doc`` with its ``Args:`` block holding an entry for each of ``keywords``, in that
-    order: the docstring's own entry where it has one, else the shared one (re-indented to
-    the docstring's own indentation).  A keyword described nowhere is a ``TypeError``."""
-    match = re.search(r"^( *)Args:\n", doc or "", re.M)
+
+def own_args(doc: str | None) -> dict[str, str]:
+    """The ``Args:`` entries ``doc`` writes itself, keyword -> text (8/12-space indented)."""
+    match = _ARGS.search(doc or "")
     if match is None:
-        return doc
-    indent = match.group(1)
-    entry, more = indent + " " * 4, indent + " " * 8
-    head, rest = doc[: match.end()], doc[match.end() :]
+        return {}
+    entry, more = match.group(1) + " " * 4, match.group(1) + " " * 8
     own: dict[str, str] = {}
-    lines = rest.split("\n")
-    end, key = len(lines), None
-    for index, line in enumerate(lines):
+    key = None
+    for line in doc[match.end() :].split("\n"):
         found = re.match(rf"^{entry}(\w+): ", line)
         if found:
             key = found.group(1)
-            own[key] = line + "\n"
+            own[key] = " " * 8 + line[len(entry) :] + "\n"
         elif key is not None and line.startswith(more):
-            own[key] += line + "\n"
+            own[key] += " " * 12 + line[len(more) :] + "\n"
         else:
-            end = index
             break
-    missing = [k for k in keywords if k not in own and k not in SHARED_ARGS]
+    return own
+
+
+def complete_args(doc: str | None, defaults: dict[str, Any], inherited: list[dict[str, str]]) -> str | None:
+    """``doc`` with its ``Args:`` block holding an entry for ``params`` and each keyword of
+    ``defaults``, in that order: the docstring's own, else the first of ``inherited`` (the
+    base classes' own entries, nearest first) that has one, else the shared one; re-indented
+    to the docstring's indentation.  A keyword described nowhere is a ``TypeError``."""
+    match = _ARGS.search(doc or "")
+    if match is None:
+        return doc
+    own = own_args(doc)
+    sources = [own, *inherited, SHARED_ARGS]
+    keywords = ["params", *defaults]
+    missing = [k for k in keywords if not any(k in source for source in sources)]
     if missing:
         raise TypeError(f"no description of keyword(s) {missing} in the docstring or in SHARED_ARGS")
+    indent = match.group(1)
 
-    def shared(key: str) -> str:
-        text = SHARED_ARGS[key].replace("\n" + " " * 12, "\n" + more)
-        return entry + text[8:]
+    def entry(key: str) -> str:
+        text = next(source[key] for source in sources if key in source)
+        if key in defaults:
+            text = text.replace("{default}", _shown(defaults[key]))
+        return "".join(
+            (indent + line[4:] if line.startswith(" " * 8) else line) for line in text.splitlines(keepends=True)
+        )
 
-    block = "".join(own.get(k) or shared(k) for k in keywords)
-    extra = "".join(v for k, v in own.items() if k not in keywords)  # documented, not a keyword: kept
-    return head + block + extra + "\n".join(lines[end:])
+    block = "".join(entry(k) for k in keywords)
+    extra = "".join(entry(k) for k in own if k not in keywords)  # documented, not a keyword: kept
+    written = sum(text.count("\n") for text in own.values())  # the lines of the own entries
+    return doc[: match.end()] + block + extra + "\n".join(doc[match.end() :].split("\n")[written:])
+
+
+def _shown(value: Any) -> str:
+    """A default as the docstrings write it: ``"rsvd"``, 0.25, 1e-08, 11.3137, None."""
+    if isinstance(value, str):
+        return f'``"{value}"``'
+    if isinstance(value, float):
+        text = repr(value)
+        return text if len(text) <= 8 else f"{value:.6g}"  # √128, not its 17 digits
+    return repr(value)

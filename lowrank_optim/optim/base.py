@@ -47,7 +47,7 @@ from .. import distributed
 from ..projectors import PROJ_TYPES, REGISTRY, Projector, RefreshFailed, is_projected, make_projector
 from ..projectors.base import CLOCK
 from ..quant.int8_linear import is_int8_weight
-from .argdocs import complete_args
+from .argdocs import complete_args, own_args
 from .layerwise import LayerwiseMixin
 from .rules import Adam, MomentRule, Update
 
@@ -245,7 +245,9 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
             p.kind is not inspect.Parameter.VAR_KEYWORD for p in list(inspect.signature(init).parameters.values())[2:]
         )
         if "__doc__" in vars(cls) and not named:
-            cls.__doc__ = complete_args(vars(cls)["__doc__"], ["params", *cls.hyperparameter_defaults()])
+            cls._own_arg_docs = own_args(vars(cls)["__doc__"])  # as written, before completion
+            inherited = [vars(base).get("_own_arg_docs", {}) for base in cls.__mro__[1:]]
+            cls.__doc__ = complete_args(vars(cls)["__doc__"], cls.hyperparameter_defaults(), inherited)
 
     @classmethod
     def hyperparameter_defaults(cls) -> dict[str, Any]:

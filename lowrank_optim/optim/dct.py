@@ -70,9 +70,6 @@ class DCTAdamW(GaLoreAdamW):
         projector: default ``"dct"``; any other name as in ``GaLoreAdamW``.  The DCT's options go in
             ``projector_args``: ``norm`` (``"l2"`` or ``"l1"``) and ``transform``
             (``"fft"`` or ``"matmul"``).
-        on_refresh: the moments when the basis changes (default ``"project"``): ``"keep"``,
-            ``"reset"`` (zeroed, bias correction restarted) or ``"project"`` (re-expressed in the
-            new basis).
     """
 
     method_defaults = {**GaLoreAdamW.method_defaults, "projector": "dct", "on_refresh": "project"}

@@ -81,6 +81,8 @@ class FiraAdamW(LowRankOptimizer):
     Page: docs/methods/fira.md#update-rule.
 
     Args:
+        scaling: ``"column"`` (one factor per channel of the kept side; needs a one-sided
+            ``proj_type``, default) or ``"matrix"`` (one Frobenius ratio).
         norm_growth_limit: γ ≥ 1, the largest growth of the residual's norm from one step to the
             next (default 1.01); None disables the limiter.
         reference_compat: the ``fira`` package's residual and limiter arithmetic instead of the

@@ -81,10 +81,6 @@ class FrugalAdamW(LowRankOptimizer):
         density: instead of ``rank``: FRUGAL's ρ, the fraction of each matrix's projected side
             (a basis), of its coordinates (``columns``, ``rows``, ``entries``) or of the
             group's matrices (``blocks``).
-        scale: α, multiplies the projected-back update (default 1.0).
-        on_refresh: the moments when the basis changes (default ``"reset"``): ``"keep"``,
-            ``"reset"`` (zeroed, bias correction restarted) or ``"project"`` (re-expressed in the
-            new basis).
     """
 
     method_defaults = {

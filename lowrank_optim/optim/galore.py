@@ -76,7 +76,6 @@ class GaLoreAdamW8bit(LowRankOptimizer):
     Args:
         eps: ε, added to √V̂ as in ``torch.optim.AdamW`` (bitsandbytes' only placement;
             default 1e-8).
-        weight_decay: λ, decoupled (default 1e-2).
     """
 
     moment_rule = Adam8bit()

@@ -279,7 +279,6 @@ class GradNormLoRPAdamW8bit(_WeightNormalizedRows, GaLoreAdamW8bit):
     Args:
         eps: ε, added to √V̂ as in ``torch.optim.AdamW`` (bitsandbytes' only placement;
             default 1e-8).
-        weight_decay: λ, decoupled (default 1e-2).
     """
 
 

@@ -85,7 +85,6 @@ class QGaLoreAdamW8bit(GaLoreAdamW8bit):
     Args:
         eps: ε, added to √V̂ as in ``torch.optim.AdamW`` (bitsandbytes' only placement;
             default 1e-8).
-        weight_decay: λ, decoupled (default 1e-2).
         projector: default ``"int4"`` (the INT4 basis around ``projector_args["inner"]``,
             ``"svd"`` or ``"rsvd"``, with the lazy refresh); another name, as in ``GaLoreAdamW``,
             keeps a float basis refreshed every T steps.
