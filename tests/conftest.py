@@ -50,6 +50,28 @@ def fake_grads(params, step, seed=123):
         p.grad = g.to(device=p.device, dtype=p.dtype)
 
 
+def assert_factored_equals_formed(build_factored, build_formed, seed: int, norm_rtol: float) -> None:
+    """Train the optimizer whose update stays factored and its twin that forms the full-size
+    direction for 8 steps, with a gradient spike at step 5 (the norm-growth limiter acts):
+    the weights agree to rounding, and so do the limiter's norms."""
+    runs = []
+    for build in (build_factored, build_formed):
+        mats, bias = make_params()
+        opt = build(mats, bias)
+        for t in range(8):
+            fake_grads([*mats, bias], t, seed=seed)
+            if t == 5:
+                for p in mats:
+                    p.grad.mul_(30)
+            opt.step()
+        runs.append((mats, opt))
+    (ours, opt), (formed, formed_opt) = runs
+    for p, q in zip(ours, formed):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.state[p]["residual_norm"], formed_opt.state[q]["residual_norm"],
+                                   rtol=norm_rtol, atol=0)
+
+
 #: id -> builder(mats, bias) for every optimizer/projector configuration of the package.
 OPTIMIZER_CASES = {
     "galore_svd": lambda m, b: lo.GaLoreAdamW(groups(m, b), lr=1e-2),

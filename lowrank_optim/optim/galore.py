@@ -60,14 +60,11 @@ class GaLoreAdamW(LowRankOptimizer):
 class GaLoreAdamW8bit(LowRankOptimizer):
     """GaLore with bitsandbytes' blockwise 8-bit Adam moments (needs ``bitsandbytes``).
 
-    Update rule, for a weight W (m x n) in a group with ``rank`` r: every T steps the basis P
-    (m x r, orthonormal) becomes the top-r left singular vectors of the gradient G (the right
-    side, R = G Qᵀ, mirrors it; ``proj_type="std"`` takes the shorter side), and at each step
+    Update rule: :class:`GaLoreAdamW`'s,
 
-        R = Pᵀ G,   M ← β1 M + (1 − β1) R,   V ← β2 V + (1 − β2) R²,
-        W ← W (1 − ηλ) − η α P M̂ / (√V̂ + ε),   M̂ = M / (1 − β1ᵗ),   V̂ = V / (1 − β2ᵗ).
+        R = Pᵀ G,   M, V ← Adam moments of R,   W ← W (1 − ηλ) − η α P M̂ / (√V̂ + ε),
 
-    M and V are stored as 8-bit codes with one fp32 scale per block of 256 (bitsandbytes'
+    with M and V stored as 8-bit codes with one fp32 scale per block of 256 (bitsandbytes'
     ``optimizer_update_8bit_blockwise``, called by keyword); the moments of tensors smaller than
     ``min_8bit_size`` stay fp32.  The state per matrix is the basis and about 2 r n bytes.
     A group without ``rank`` (or ``density``) is 8-bit AdamW.

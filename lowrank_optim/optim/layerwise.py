@@ -154,9 +154,11 @@ class LayerwiseMixin:
         self._end_window = predicate
         self._micro_batches = 0
 
-    def _require_layerwise(self, what: str) -> None:
+    def _require_layerwise(self, what: str, instead: str = "") -> None:
         if not self.layerwise:
-            raise ValueError(f"{type(self).__name__}: {what} is for layerwise=True; this optimizer has layerwise=False")
+            raise ValueError(
+                f"{type(self).__name__}: {what} is for layerwise=True; this optimizer has layerwise=False{instead}"
+            )
 
     # ------------------------------------------------------------------ DDP
     def attach_ddp(
@@ -226,11 +228,7 @@ class LayerwiseMixin:
         Unlike a regular step, parameters whose gradients came earlier in the same backward
         have already stepped: the skip is per parameter, not for the whole model.
         """
-        if not self.layerwise:
-            raise ValueError(
-                f"{type(self).__name__}: attach_grad_scaler is for layerwise=True; with layerwise=False use "
-                "scaler.step(optimizer) as with any torch optimizer"
-            )
+        self._require_layerwise("attach_grad_scaler", ": use scaler.step(optimizer) as with any torch optimizer")
         if not isinstance(scaler, torch.amp.GradScaler):
             raise ValueError(f"{type(self).__name__}: attach_grad_scaler needs a torch.amp.GradScaler, got {scaler!r}")
         self._grad_scaler = scaler
