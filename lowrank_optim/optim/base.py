@@ -788,8 +788,9 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict:
         # torch pickles only defaults, state and groups: the loop options go along, so a
-        # deepcopy or torch.save(optimizer) steps like the original.  Caches, hook handles
-        # and an attached GradScaler are rebuilt (or re-attached) instead.
+        # deepcopy or torch.save(optimizer) steps like the original.  Caches and hook handles
+        # are rebuilt; attachments to other live objects (GradScaler, DDP model, window
+        # predicate) are not copied and must be attached again (docs/guide.md#checkpoints).
         return {**super().__getstate__(), **{key: getattr(self, key) for key in LOOP_DEFAULTS}}
 
     def __setstate__(self, state: dict) -> None:
