@@ -169,7 +169,7 @@ def _wrap_state(state: dict, local_param: torch.Tensor, layout: ShardLayout) -> 
 
 
 # ----------------------------------------------------------------------------- checks
-#: The template's hooks (see :class:`~lowrank_optim.optim.base.LowRankOptimizer`).
+#: The template's hooks (see :class:`~lowrank_optim.optim.hooks.MethodHooks`).
 HOOKS = (
     "gradient", "prepare_gradient", "open_weight", "close_weight", "after_refresh", "transform_low_rank_grad",
     "full_rank_direction", "factored_update", "materializes_direction", "state_free_update",
@@ -182,7 +182,7 @@ def check_method(optimizer: torch.optim.Optimizer, layout: ShardLayout | None) -
     A hook that reduces over the sharded dimension (a norm of the whole matrix, a mean over
     rows, a Gram matrix of a flattened gradient) would silently use only this rank's rows;
     so every hook must be listed in ``shard_safe_hooks`` of the class that defines it
-    (:class:`LowRankOptimizer` lists its own: they are element-wise or row-wise).
+    (:class:`~lowrank_optim.optim.hooks.MethodHooks` lists its own: they are element-wise).
     """
     if layout is None:
         return

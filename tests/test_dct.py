@@ -13,7 +13,8 @@ import lowrank_optim as lo
 import lowrank_optim.projectors.dct as dct  # registers "dct" (explicit until the package imports it)
 from conftest import assert_same_state, fake_grads, make_params
 from lowrank_optim.optim.dct import DCTAdamW
-from lowrank_optim.projectors.base import LEFT, RIGHT, IndexMap, RefreshFailed
+from lowrank_optim.projectors.base import LEFT, RIGHT, RefreshFailed
+from lowrank_optim.projectors.transition import IndexMap
 
 SIZES = [1, 2, 3, 8, 17, 64, 100]
 

@@ -74,13 +74,13 @@ def test_torch_compile_of_the_step_trains_like_eager():
 def test_bulk_path_steps_large_groups_in_chunks(monkeypatch):
     """The bulk path's foreach temporaries live for a chunk, not the whole group: a group
     larger than BULK_CHUNK_ELEMENTS is stepped in several chunks, with the same result."""
-    from lowrank_optim.optim import base
+    from lowrank_optim.optim import base, bulk
 
     chunks = []
     original = base.LowRankOptimizer._step_bucket
     monkeypatch.setattr(base.LowRankOptimizer, "_step_bucket",
                         lambda self, params, *a: (chunks.append(len(params)), original(self, params, *a))[1])
-    monkeypatch.setattr(base, "BULK_CHUNK_ELEMENTS", 300)  # 24x10 = 240 and 9x31 = 279 entries
+    monkeypatch.setattr(bulk, "BULK_CHUNK_ELEMENTS", 300)  # 24x10 = 240 and 9x31 = 279 entries
     mats, bias = make_params()
     opt = lo.GaLoreAdamW([{"params": mats, "rank": 3}, {"params": [bias]}], lr=1e-2)
     fake_grads([*mats, bias], 0)

@@ -46,7 +46,7 @@ import torch
 
 from .. import _validate as V
 from ..optim import galore as _galore
-from ..optim.base import ADAM_CHECKS, ADAM_DEFAULTS
+from ..optim.groups import ADAM_CHECKS, ADAM_DEFAULTS
 from ..optim.rules import (
     Adam,
     Adam8bit,

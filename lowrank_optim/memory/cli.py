@@ -144,7 +144,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
     from .. import _validate as V
     from .. import options
-    from ..optim.base import COMMON_CHECKS
+    from ..optim.groups import COMMON_CHECKS
 
     # --rank and --density follow the optimizers' own rules for the same hyperparameters.
     checks = {"rank": COMMON_CHECKS["rank"], "density": COMMON_CHECKS["density"], "steps": V.int_at_least(1)}

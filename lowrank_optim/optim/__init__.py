@@ -1,6 +1,6 @@
 """Optimizers by name; every class is a :class:`LowRankOptimizer`."""
 from .apollo import ApolloAdamW, ApolloMiniAdamW
-from .base import LowRankOptimizer, Update
+from .base import LowRankOptimizer
 from .dct import DCTAdamW
 from .fira import FiraAdamW
 from .frugal import FrugalAdamW
@@ -8,6 +8,7 @@ from .galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .gradnorm_lorp import GradNormLoRPAdamW, GradNormLoRPAdamW8bit
 from .natural_galore import NaturalGaLoreAdamW
 from .qgalore import QGaLoreAdamW8bit
+from .rules import Update
 
 #: ``create_optimizer`` / Trainer names -> classes.
 OPTIMIZERS: dict[str, type[LowRankOptimizer]] = {

@@ -45,7 +45,9 @@ import torch
 
 from .. import _validate as V
 from . import scaling
-from .base import ADAM_CHECKS, ADAM_DEFAULTS, LowRankOptimizer, ParamStep
+from .base import LowRankOptimizer
+from .groups import ADAM_CHECKS, ADAM_DEFAULTS
+from .hooks import ParamStep
 
 
 class ApolloAdamW(LowRankOptimizer):

@@ -53,7 +53,9 @@ from __future__ import annotations
 
 from .. import _validate as V
 from ..projectors import make_projector
-from .base import ADAM_CHECKS, ADAM_DEFAULTS, LowRankOptimizer, ParamStep
+from .base import LowRankOptimizer
+from .groups import ADAM_CHECKS, ADAM_DEFAULTS
+from .hooks import ParamStep
 
 
 class FrugalAdamW(LowRankOptimizer):

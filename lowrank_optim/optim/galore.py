@@ -30,7 +30,8 @@ from __future__ import annotations
 from typing import Iterable
 
 from .. import _validate as V
-from .base import ADAM_CHECKS, ADAM_DEFAULTS, LowRankOptimizer
+from .base import LowRankOptimizer
+from .groups import ADAM_CHECKS, ADAM_DEFAULTS
 from .rules import Adafactor, Adam8bit, bitsandbytes_functional
 
 

@@ -99,9 +99,11 @@ import torch
 
 from .. import distributed
 from ..projectors import is_projected
-from .base import ADAM_DEFAULTS, LowRankOptimizer, ParamStep, Update, param_names
+from .base import LowRankOptimizer
 from .galore import GaLoreAdamW8bit
-
+from .groups import ADAM_DEFAULTS, param_names
+from .hooks import ParamStep
+from .rules import Update
 
 
 class _WeightNormalizedRows:

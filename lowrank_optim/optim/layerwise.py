@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed
+from .groups import param_names
 
 
 class LayerwiseMixin:
@@ -180,7 +181,6 @@ class LayerwiseMixin:
         ``model.register_comm_hook``.  Under ``model.no_sync()`` nothing is reduced and
         nothing steps; gradients accumulate locally as usual.
         """
-        from .base import param_names  # base builds on this module
 
         self._require_layerwise("attach_ddp")
         owner = type(self).__name__

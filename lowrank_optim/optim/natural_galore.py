@@ -70,7 +70,8 @@ import torch
 
 from .. import _validate as V
 from ..projectors import Projector, is_projected
-from .base import ADAM_CHECKS, ADAM_DEFAULTS, LowRankOptimizer
+from .base import LowRankOptimizer
+from .groups import ADAM_CHECKS, ADAM_DEFAULTS
 
 
 def inverse_fisher_product(history: torch.Tensor, current: int, damping: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, NamedTuple, Sequence
 
 import torch
 
-from ..projectors.base import Transition
+from ..projectors.transition import Transition
 
 
 class Update(NamedTuple):

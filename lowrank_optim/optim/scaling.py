@@ -22,7 +22,7 @@ import torch
 from .. import _validate as V
 from .. import distributed
 from ..projectors import is_projected
-from .base import ParamStep
+from .hooks import ParamStep
 
 #: γ of the norm-growth limiter, as a hyperparameter check.
 NORM_GROWTH_LIMIT = V.Check(

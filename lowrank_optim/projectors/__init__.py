@@ -6,7 +6,6 @@ from .base import (
     REGISTRY,
     Projector,
     RefreshFailed,
-    Transition,
     is_projected,
     make_projector,
     register_projector,
@@ -17,6 +16,7 @@ from .quantized import QuantizedProjector
 from .random import GaussianProjector, RandomProjector
 from .rsvd import RandomizedSVDProjector, randomized_svd
 from .svd import SVDProjector
+from .transition import Transition
 
 __all__ = [
     "BlockProjector",

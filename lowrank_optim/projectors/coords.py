@@ -53,7 +53,8 @@ from typing import ClassVar
 import torch
 
 from .._validate import choice
-from .base import FULL, LEFT, RIGHT, IndexMap, Projector, Transition, register_projector
+from .base import FULL, LEFT, RIGHT, Projector, register_projector
+from .transition import IndexMap, Transition
 
 
 def _index_dtype(length: int) -> torch.dtype:

@@ -29,7 +29,8 @@ import math
 import torch
 
 from .._validate import choice
-from .base import IndexMap, Projector, Transition, register_projector
+from .base import Projector, register_projector
+from .transition import IndexMap, Transition
 
 # ----------------------------------------------------------------------------- the basis
 _BASES: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
