@@ -37,9 +37,8 @@ that names the class, the keyword, the value and the reason, rather than ignored
 """
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -67,18 +66,33 @@ def _refuse(cls_name: str, keyword: str, value: Any, reason: str, where: str = "
     )
 
 
-def _with_init_signature(cls: type) -> type:
-    """Show ``galore_torch``'s constructor to ``inspect.signature`` and ``help()``.
-
-    ``LowRankOptimizer`` generates every subclass's signature from its table of
-    hyperparameters (all our keywords); these classes take ``galore_torch``'s instead."""
-    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
-    cls.__signature__ = inspect.Signature(parameters)
-    return cls
-
-
 class _GaLoreTorchGroups:
-    """Param-group rules shared by the three classes (see the module docstring)."""
+    """galore_torch's constructor and param-group rules, shared by the three classes (see
+    the module docstring).  Each class declares its constructor as data: ``constructor_keywords``
+    (galore_torch's keywords in its order, with its defaults) and ``reference_only``."""
+
+    #: galore_torch's keywords that are not ours and have no effect here, with the check of
+    #: their type (GaLoreAdamW's ``no_deprecation_warning``).
+    reference_switches: ClassVar[dict[str, V.Check]] = {}
+    #: galore_torch's keywords that are not ours: keyword -> (whether a value is the one we
+    #: implement anyway, why the others are refused).
+    reference_only: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
+
+    def __init__(self, params: Iterable, *args: Any, **kwargs: Any):
+        bound = self.__signature__.bind(params, *args, **kwargs)  # a TypeError for a keyword galore_torch lacks
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        del values["params"]
+        name = type(self).__name__
+        for key, check in self.reference_switches.items():
+            if not check(values[key]):
+                raise V.fail(name, key, values[key], "the constructor", check.expected)
+            del values[key]
+        for key, (implemented, reason) in self.reference_only.items():
+            if not implemented(values[key]):
+                raise _refuse(name, key, values[key], reason)
+            del values[key]
+        super().__init__(params, **values)
 
     def pinned_group_values(self, param_group: dict[str, Any]) -> dict[str, Any]:
         """Our group keys whose value is fixed to galore_torch's arithmetic, for this group."""
@@ -128,7 +142,6 @@ class _GaLoreTorchAdam(Adam):
         return [update._replace(step_size=group["lr"]) for update in updates]
 
 
-@_with_init_signature
 class GaLoreAdamW(_GaLoreTorchGroups, _galore.GaLoreAdamW):
     """``galore_torch.GaLoreAdamW`` (transformers' old AdamW with GaLore), bit for bit.
 
@@ -157,23 +170,13 @@ class GaLoreAdamW(_GaLoreTorchGroups, _galore.GaLoreAdamW):
     def pinned_group_values(self, param_group: dict[str, Any]) -> dict[str, Any]:
         return {"eps_style": "hf", "decay_after_update": True}
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        correct_bias: bool = True,
-        no_deprecation_warning: bool = False,
-    ):
-        if not isinstance(no_deprecation_warning, bool):
-            raise V.fail(type(self).__name__, "no_deprecation_warning", no_deprecation_warning, "the constructor",
-                         "True or False")
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias)
+    constructor_keywords: ClassVar[dict[str, Any]] = {
+        "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0, "correct_bias": True,
+        "no_deprecation_warning": False,
+    }
+    reference_switches: ClassVar[dict[str, V.Check]] = {"no_deprecation_warning": V.boolean()}
 
 
-@_with_init_signature
 class GaLoreAdafactor(_GaLoreTorchGroups, _galore.GaLoreAdafactor):
     """``galore_torch.GaLoreAdafactor`` (transformers' Adafactor with GaLore), bit for bit.
 
@@ -184,24 +187,10 @@ class GaLoreAdafactor(_GaLoreTorchGroups, _galore.GaLoreAdafactor):
     form, as transformers applies it.
     """
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float | None = None,
-        eps: tuple[float, float] = (1e-30, 1e-3),
-        clip_threshold: float = 1.0,
-        decay_rate: float = -0.8,
-        beta1: float | None = None,
-        weight_decay: float = 0.0,
-        scale_parameter: bool = True,
-        relative_step: bool = True,
-        warmup_init: bool = False,
-    ):
-        super().__init__(
-            params, lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
-            weight_decay=weight_decay, scale_parameter=scale_parameter, relative_step=relative_step,
-            warmup_init=warmup_init,
-        )
+    constructor_keywords: ClassVar[dict[str, Any]] = {
+        "lr": None, "eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "beta1": None,
+        "weight_decay": 0.0, "scale_parameter": True, "relative_step": True, "warmup_init": False,
+    }
 
     def _apply_update(self, p, grad, low, update: Update, state, group, projector, layout=None) -> None:
         if group["weight_decay"] != 0:
@@ -260,7 +249,6 @@ class _GaLoreTorchAdam8bit(Adam8bit):
         return Update(scratch.neg_(), None, 1.0, decay_lr=group["lr"])
 
 
-@_with_init_signature
 class GaLoreAdamW8bit(_GaLoreTorchGroups, _galore.GaLoreAdamW8bit):
     """``galore_torch.GaLoreAdamW8bit`` (bitsandbytes' 8-bit AdamW with GaLore).
 
@@ -301,43 +289,26 @@ class GaLoreAdamW8bit(_GaLoreTorchGroups, _galore.GaLoreAdamW8bit):
 
     moment_rule = _GaLoreTorchAdam8bit()
 
-    def __init__(
-        self,
-        params: Iterable,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        optim_bits: int = 32,
-        args: Any = None,
-        min_8bit_size: int = 4096,
-        percentile_clipping: int = 100,
-        block_wise: bool = True,
-        is_paged: bool = False,
-    ):
-        name = type(self).__name__
-        if amsgrad is not False:
-            raise _refuse(name, "amsgrad", amsgrad, "bitsandbytes' 8-bit Adam has no AMSGrad (it accepts the keyword "
-                          "and ignores it, and so does galore_torch); use amsgrad=False")
-        if optim_bits not in (8, 32):
-            raise _refuse(name, "optim_bits", optim_bits, "galore_torch always keeps 8-bit moments (it passes 8 to "
-                          "bitsandbytes whatever optim_bits is), so only 8 and its default 32 mean what it does; for "
-                          "32-bit moments use lowrank_optim.compat.galore_torch.GaLoreAdamW")
-        if args is not None:
-            raise _refuse(name, "args", args, "bitsandbytes' per-parameter override arguments (GlobalOptimManager) "
-                          "are not implemented; set hyperparameters per param group instead")
-        if percentile_clipping != 100:
-            raise _refuse(name, "percentile_clipping", percentile_clipping, "clipping at a percentile of recent "
-                          "gradient norms is not implemented (100 is off); clip gradients before step(), e.g. with "
-                          "torch.nn.utils.clip_grad_norm_")
-        if block_wise is not True:
-            raise _refuse(name, "block_wise", block_wise, "only blockwise 8-bit moments (one scale per 256 "
-                          "elements) are implemented, not one scale per tensor")
-        if is_paged is not False:
-            raise _refuse(name, "is_paged", is_paged, "paged optimizer state (CUDA unified memory that spills to the "
-                          "host) is not implemented")
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size)
+    constructor_keywords: ClassVar[dict[str, Any]] = {
+        "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2, "amsgrad": False, "optim_bits": 32,
+        "args": None, "min_8bit_size": 4096, "percentile_clipping": 100, "block_wise": True, "is_paged": False,
+    }
+    reference_only: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {
+        "amsgrad": (lambda v: v is False, "bitsandbytes' 8-bit Adam has no AMSGrad (it accepts the keyword "
+                    "and ignores it, and so does galore_torch); use amsgrad=False"),
+        "optim_bits": (lambda v: v in (8, 32), "galore_torch always keeps 8-bit moments (it passes 8 to "
+                       "bitsandbytes whatever optim_bits is), so only 8 and its default 32 mean what it does; for "
+                       "32-bit moments use lowrank_optim.compat.galore_torch.GaLoreAdamW"),
+        "args": (lambda v: v is None, "bitsandbytes' per-parameter override arguments (GlobalOptimManager) "
+                 "are not implemented; set hyperparameters per param group instead"),
+        "percentile_clipping": (lambda v: v == 100, "clipping at a percentile of recent gradient norms is "
+                                "not implemented (100 is off); clip gradients before step(), e.g. with "
+                                "torch.nn.utils.clip_grad_norm_"),
+        "block_wise": (lambda v: v is True, "only blockwise 8-bit moments (one scale per 256 elements) are "
+                       "implemented, not one scale per tensor"),
+        "is_paged": (lambda v: v is False, "paged optimizer state (CUDA unified memory that spills to the "
+                     "host) is not implemented"),
+    }
 
     def pinned_group_values(self, param_group: dict[str, Any]) -> dict[str, Any]:
         # galore_torch lifts the decay out of bitsandbytes' kernel for projected groups and

@@ -48,11 +48,28 @@ def _basis_tile(packed, scales, zeros, i, j, cols, group_size, mask):
 
 
 @triton.jit
+def _operand_tile(
+    dense, dense_stride0, dense_stride1, packed, scales, zeros, cols, group_size, i, j, mask,
+    IS_BASIS: tl.constexpr, TRANSPOSE_BASIS: tl.constexpr,
+):  # fmt: skip
+    """Entries (i, j) of one operand of C = A B: the dense matrix's, or the basis's (its
+    (j, i) entries when the product uses its transpose), 0 where masked."""
+    if IS_BASIS:
+        if TRANSPOSE_BASIS:
+            tile = _basis_tile(packed, scales, zeros, j, i, cols, group_size, mask)
+        else:
+            tile = _basis_tile(packed, scales, zeros, i, j, cols, group_size, mask)
+    else:
+        tile = tl.load(dense + i * dense_stride0 + j * dense_stride1, mask=mask, other=0.0)
+    return tile
+
+
+@triton.jit
 def _int4_gemm_kernel(
     dense, packed, scales, zeros, out,
     M, N, K, cols, group_size,
     dense_stride0, dense_stride1,
-    BASIS_IS_A: tl.constexpr, TRANSPOSE_BASIS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BASIS_IS_A: tl.constexpr, BASIS_IS_B: tl.constexpr, TRANSPOSE_BASIS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -62,21 +79,15 @@ def _int4_gemm_kernel(
         rk = k0 + tl.arange(0, BLOCK_K)
         mask_a = (rm[:, None] < M) & (rk[None, :] < K)
         mask_b = (rk[:, None] < K) & (rn[None, :] < N)
-        if BASIS_IS_A:
-            b = tl.load(dense + rk[:, None] * dense_stride0 + rn[None, :] * dense_stride1, mask=mask_b, other=0.0)
-            if TRANSPOSE_BASIS:  # A[m, k] = basis[k, m]
-                a = _basis_tile(packed, scales, zeros, rk[None, :], rm[:, None], cols, group_size, mask_a)
-            else:
-                a = _basis_tile(packed, scales, zeros, rm[:, None], rk[None, :], cols, group_size, mask_a)
-            if not DOT_IN_FP32:
+        # One operand is the dense matrix, the other the basis, dequantized tile by tile.
+        a = _operand_tile(dense, dense_stride0, dense_stride1, packed, scales, zeros, cols, group_size,
+                          rm[:, None], rk[None, :], mask_a, BASIS_IS_A, TRANSPOSE_BASIS)
+        b = _operand_tile(dense, dense_stride0, dense_stride1, packed, scales, zeros, cols, group_size,
+                          rk[:, None], rn[None, :], mask_b, BASIS_IS_B, TRANSPOSE_BASIS)
+        if not DOT_IN_FP32:  # the fp32 basis tile in the dense operand's dtype (tensor cores)
+            if BASIS_IS_A:
                 a = a.to(b.dtype)
-        else:
-            a = tl.load(dense + rm[:, None] * dense_stride0 + rk[None, :] * dense_stride1, mask=mask_a, other=0.0)
-            if TRANSPOSE_BASIS:  # B[k, n] = basis[n, k]
-                b = _basis_tile(packed, scales, zeros, rn[None, :], rk[:, None], cols, group_size, mask_b)
             else:
-                b = _basis_tile(packed, scales, zeros, rk[:, None], rn[None, :], cols, group_size, mask_b)
-            if not DOT_IN_FP32:
                 b = b.to(a.dtype)
         if DOT_IN_FP32:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -97,7 +108,7 @@ def product(dense: torch.Tensor, basis: Int4Basis, back: bool) -> torch.Tensor:
         work, basis.packed.contiguous(), basis.scales.float().contiguous(), basis.zeros.contiguous(), out,
         p.M, p.N, p.K, basis.cols, basis.group_size,
         work.stride(0), work.stride(1),
-        BASIS_IS_A=p.basis_is_a, TRANSPOSE_BASIS=p.transpose,
+        BASIS_IS_A=p.basis_is_a, BASIS_IS_B=not p.basis_is_a, TRANSPOSE_BASIS=p.transpose,
         DOT_IN_FP32=work.dtype == torch.float32 or not work.is_cuda,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )  # fmt: skip

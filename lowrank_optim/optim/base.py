@@ -130,25 +130,32 @@ class LowRankOptimizer(LayerwiseMixin, BulkStepMixin, GroupValidationMixin, Chec
         # The parameters the groups held when last checked (see _follow_swapped_params).
         self._param_ids = self._current_param_ids() if hasattr(self, "param_groups") else ()
 
+    #: None: the constructor takes :meth:`hyperparameter_defaults` as keyword-only arguments
+    #: (signature generated, ``Args:`` completed from the shared descriptions).  A dict: the
+    #: constructor is another package's, its keywords in its order with its defaults,
+    #: positional as there; the class binds and documents them itself (lowrank_optim.compat).
+    constructor_keywords: ClassVar[dict[str, Any] | None] = None
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Each method declares its hyperparameters once, as data (``method_defaults``);
         # the constructor's signature is generated from that table plus the shared
         # low-rank options, so ``help()``, ``inspect.signature`` and the Trainer
         # integration see every keyword without a 20-argument block per class.
         super().__init_subclass__(**kwargs)
+        params = inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        if cls.constructor_keywords is not None:
+            kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+            cls.__signature__ = inspect.Signature(
+                [params] + [inspect.Parameter(k, kind, default=v) for k, v in cls.constructor_keywords.items()]
+            )
+            return
         keyword = inspect.Parameter.KEYWORD_ONLY
         cls.__signature__ = inspect.Signature(
-            [inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-            + [inspect.Parameter(k, keyword, default=v) for k, v in cls.hyperparameter_defaults().items()]
+            [params] + [inspect.Parameter(k, keyword, default=v) for k, v in cls.hyperparameter_defaults().items()]
         )
         # The same for ``help()``: a class describes only its own keywords under ``Args:``,
-        # the shared descriptions are filled in from one table (optim/argdocs.py).  A class
-        # with a constructor of its own (lowrank_optim.compat) documents that one itself.
-        init = vars(cls).get("__init__")
-        named = init is not None and any(
-            p.kind is not inspect.Parameter.VAR_KEYWORD for p in list(inspect.signature(init).parameters.values())[2:]
-        )
-        if "__doc__" in vars(cls) and not named:
+        # the shared descriptions are filled in from one table (optim/argdocs.py).
+        if "__doc__" in vars(cls):
             cls._own_arg_docs = own_args(vars(cls)["__doc__"])  # as written, before completion
             inherited = [vars(base).get("_own_arg_docs", {}) for base in cls.__mro__[1:]]
             cls.__doc__ = complete_args(vars(cls)["__doc__"], cls.hyperparameter_defaults(), inherited)
