@@ -106,6 +106,8 @@ class CheckpointMixin:
             adopted[p] = self._adopt_state(p, pstate, group)
         # torch loads the groups (and checks the parameter counts); the state, whose dtypes
         # torch would cast wholesale (8-bit codes to floats), is put in place here.
+        # The projector options as the checkpoint meant them (Projector.saved_options).
+        saved_groups = [{**saved, "projector_args": group["projector_args"]} for saved, group in zip(saved_groups, groups)]
         super().load_state_dict({"state": {}, "param_groups": saved_groups})
         for p, pstate in adopted.items():
             self.state[p] = pstate
@@ -126,6 +128,8 @@ class CheckpointMixin:
                 f"{owner}: {where} has {len(saved['params'])} parameters, this optimizer's {len(group['params'])}"
             )
         loaded = {**self.defaults, **saved, "params": group["params"]}
+        if loaded["projector"] in REGISTRY:  # an unknown one is refused by the validation below
+            loaded["projector_args"] = REGISTRY[loaded["projector"]].saved_options(loaded.get("projector_args"))
         if "param_names" in group and "param_names" not in saved:
             loaded["param_names"] = group["param_names"]
         try:
@@ -133,7 +137,7 @@ class CheckpointMixin:
         except ValueError as err:
             raise ValueError(f"{err} (loading a checkpoint)") from None
         for key in self.layout_keys():
-            if strict and loaded[key] != group[key] and not same_state(key, loaded[key], group[key]):
+            if strict and loaded[key] != group[key] and not same_state(key, loaded, group):
                 raise ValueError(
                     f"{owner}: {where} has {key}={loaded[key]!r}, this optimizer was built with {key}={group[key]!r}; "
                     f"build it with the checkpoint's value, or pass strict=False to take the checkpoint's"
@@ -205,14 +209,18 @@ class CheckpointMixin:
         return adopted
 
 
-def same_state(key: str, saved: Any, built: Any) -> bool:
-    """Whether two values of layout key ``key`` keep the same state: projectors of one
-    family (a checkpoint trained with ``projector="svd"``, the default before ``"rsvd"``,
-    resumes in an optimizer built with the new default and goes on with the checkpoint's)."""
-    if key != "projector":
-        return False
-    family = REGISTRY[saved].state_family
-    return family is not None and family == REGISTRY[built].state_family
+def same_state(key: str, saved: dict, built: dict) -> bool:
+    """Whether a checkpoint's group (``saved``) and the optimizer's (``built``), which differ
+    in layout key ``key``, keep the same state: projectors of one family (a checkpoint
+    trained with ``projector="svd"``, the default before ``"rsvd"``, resumes in an optimizer
+    built with the new default and goes on with the checkpoint's), or projector options
+    that differ only where the projector says the state is the same (int4's inner SVD)."""
+    if key == "projector":
+        family = REGISTRY[saved["projector"]].state_family
+        return family is not None and family == REGISTRY[built["projector"]].state_family
+    if key == "projector_args" and saved["projector"] == built["projector"]:
+        return REGISTRY[saved["projector"]].same_state_options(saved["projector_args"], built["projector_args"])
+    return False
 
 
 def moved(value: Any, like: torch.Tensor, dtype: torch.dtype | None) -> Any:

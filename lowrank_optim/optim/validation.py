@@ -33,6 +33,7 @@ class GroupValidationMixin:
         projector = None
         if is_projected(group):
             REGISTRY[group["projector"]].validate_options(owner, group.get("projector_args"), where)
+            group["projector_args"] = REGISTRY[group["projector"]].recorded_options(group.get("projector_args"))
             projector = make_projector(group)
         for name, p in zip(param_names(group), group["params"]):
             reason = self._unsupported(p, projector)

@@ -74,6 +74,12 @@ class Projector:
     #: Options the projector accepts through ``projector_args`` and their defaults.
     option_defaults: ClassVar[dict[str, Any]] = {}
     option_checks: ClassVar[dict[str, Check]] = {}
+    #: Options whose default has changed, with the one a group had before.  The optimizer
+    #: records the current default in each group's ``projector_args``, so a checkpoint that
+    #: lacks the option predates the change and resumes with the former default.
+    former_defaults: ClassVar[dict[str, Any]] = {}
+    #: Options whose values keep the same state (a checkpoint resumes across them).
+    interchangeable_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -101,6 +107,27 @@ class Projector:
         options = dict(options or {})
         check_known_keys(owner, options, cls.option_defaults, f"projector_args key for projector={cls.name!r}")
         check_values(owner, options, cls.option_checks, where)
+
+    @classmethod
+    def recorded_options(cls, options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """A group's ``projector_args`` with the options of :attr:`former_defaults` written in."""
+        if not cls.former_defaults:
+            return options
+        return {**{key: cls.option_defaults[key] for key in cls.former_defaults}, **(options or {})}
+
+    @classmethod
+    def saved_options(cls, options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """A checkpoint's ``projector_args`` as they were meant when it was written."""
+        if not cls.former_defaults:
+            return options
+        return {**cls.former_defaults, **(options or {})}
+
+    @classmethod
+    def same_state_options(cls, saved: Mapping[str, Any] | None, built: Mapping[str, Any] | None) -> bool:
+        """Whether a checkpoint's options keep the state the optimizer's would (they differ
+        at most in :attr:`interchangeable_options`)."""
+        saved, built = {**cls.option_defaults, **(saved or {})}, {**cls.option_defaults, **(built or {})}
+        return all(saved[key] == built[key] for key in saved if key not in cls.interchangeable_options)
 
     def rank_for(self, shape: torch.Size, side: int) -> int:
         """This matrix's rank: the fixed ``rank``, or ``density`` times the projected side's

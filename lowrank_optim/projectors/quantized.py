@@ -63,7 +63,7 @@ class QuantizedProjector(Projector):
     dense_bases = False
     orthonormal = False  # INT4 rounding: the stored basis is only nearly orthonormal
     option_defaults = {
-        "inner": "svd",
+        "inner": "rsvd",
         "inner_args": None,
         "group_size": 256,
         "lazy": True,
@@ -71,6 +71,11 @@ class QuantizedProjector(Projector):
         "cos_threshold": 0.4,
         "gamma": 2.0,
     }
+    # The inner default was "svd" until the randomized SVD became the package's default
+    # (docs/benchmarks.md); both keep orthonormal singular vectors, so a checkpoint of one
+    # resumes under the other.
+    former_defaults = {"inner": "svd"}
+    interchangeable_options = ("inner",)
     option_checks = {
         "inner": V.choice(*DENSE_INNER),
         "inner_args": V.Check(lambda d: isinstance(d, dict), "a dict of the inner projector's options", optional=True),

@@ -76,7 +76,16 @@ class RandomizedSVDProjector(Projector):
             for matrix, p in zip(matrices, pstates)
         ]
         u, vh = torch.ops.lowrank_optim.batched_randomized_svd(stack(matrices), stack(omegas), rank, self.power_iters)
+        u, vh = fixed_signs(u, vh)
         return [select_sides(self, p, u[slot], vh[slot]) for slot, p in enumerate(pstates)]
+
+
+def fixed_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each singular pair (u_i, v_i) with the sign that makes u_i's largest entry positive."""
+    pivot = u.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(torch.gather(u, -2, pivot))
+    signs[signs == 0] = 1
+    return u * signs, vh * signs.transpose(-1, -2)
 
 
 def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -99,4 +108,5 @@ def randomized_svd(
     """(U_r, V_r^T) approximating the top-``rank`` singular vectors of ``matrix`` (fp32)."""
     omega = sketch_matrix(matrix.shape, rank, oversample, generator, matrix.device)
     u, vh = torch.ops.lowrank_optim.batched_randomized_svd(matrix.unsqueeze(0), omega.unsqueeze(0), rank, power_iters)
+    u, vh = fixed_signs(u, vh)
     return u[0], vh[0]
