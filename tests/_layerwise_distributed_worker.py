@@ -72,7 +72,7 @@ def no_sync(model, mode):
     return fsdp()
 
 
-def train(model, optimizer, mode, accumulation, steps, first=0, rank=0, world=1):
+def train(model, optimizer, mode, accumulation, steps, first=0, rank=0, world=1, before_step=None):
     micro_batches = 1 if accumulation == "none" else 2
     for step in range(first, first + steps):
         for micro in range(micro_batches):
@@ -80,6 +80,8 @@ def train(model, optimizer, mode, accumulation, steps, first=0, rank=0, world=1)
             skip_sync = accumulation == "no_sync" and micro == 0
             with no_sync(model, mode) if skip_sync else contextlib.nullcontext():
                 (nn.functional.mse_loss(model(x), y) / micro_batches).backward()
+        if before_step is not None:
+            before_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -93,9 +95,10 @@ def wrapped(mode: str):
     return model, model
 
 
-def layerwise_run(name, mode, accumulation, rank, world, steps=STEPS):
+def layerwise_run(name, mode, accumulation, rank, world, steps=STEPS, **loop):
     model, inner = wrapped(mode)
-    optimizer = make_optimizer(name, inner, layerwise=True, accumulation_steps=2 if accumulation == "steps" else 1)
+    accumulation_steps = 2 if accumulation == "steps" else 1
+    optimizer = make_optimizer(name, inner, layerwise=True, accumulation_steps=accumulation_steps, **loop)
     if mode == "ddp":
         optimizer.attach_ddp(model)
     train(model, optimizer, mode, accumulation, steps, rank=rank, world=world)
@@ -117,6 +120,28 @@ def equivalence(rank: int, world: int) -> dict:
                     "refreshes": int(layerwise_optimizer.state[layerwise[0].weight]["projector"]["refreshes"]),
                     "grads_left": sum(p.grad is not None for p in layerwise.parameters()),
                 }
+    return out
+
+
+#: A norm most of the tiny model's gradients exceed, so that clipping acts.
+MAX_GRAD_NORM = 0.05
+
+
+def clipping(rank: int, world: int) -> dict:
+    """Layer-wise ``max_grad_norm`` clips each parameter's gradient by its own norm (the whole
+    matrix's when sharded): the regular step after ``clip_grad_norm_`` on each parameter."""
+    out = {}
+    for mode in ("ddp", "fsdp"):
+        model, inner = wrapped(mode)
+        optimizer = make_optimizer("galore_svd", inner)
+
+        def clip_each(params=list(inner.parameters())):
+            for p in params:
+                torch.nn.utils.clip_grad_norm_([p], MAX_GRAD_NORM)
+
+        train(model, optimizer, mode, "none", STEPS, rank=rank, world=world, before_step=clip_each)
+        layerwise, _ = layerwise_run("galore_svd", mode, "none", rank, world, max_grad_norm=MAX_GRAD_NORM)
+        out[mode] = {"regular": full_params(inner), "layerwise": full_params(layerwise)}
     return out
 
 
@@ -252,6 +277,7 @@ def refusals(rank: int, world: int) -> dict:
 def checks(rank: int, world: int, out_dir: str) -> dict:
     return {
         "equivalence": equivalence(rank, world),
+        "clipping": clipping(rank, world),
         "swapped": swapped_like_accelerate("galore_svd", rank, world),
         "unused": unused_parameters(rank, world),
         "memory": {lw: memory_profile(lw) for lw in (False, True)},

@@ -43,6 +43,16 @@ def test_layerwise_equals_the_regular_step(record, name, mode, accumulation):
     assert max_difference({k: initial[k].detach() for k in entry["regular"]}, entry["regular"]) > 1e-2
 
 
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_layerwise_clipping_is_per_parameter_on_the_reduced_gradient(record, mode):
+    """max_grad_norm clips each averaged (DDP) or reduce-scattered (FSDP2: by the whole
+    matrix's norm) gradient on its own, as clip_grad_norm_ on that parameter would."""
+    entry = record["clipping"][mode]
+    assert max_difference(entry["layerwise"], entry["regular"]) < 1e-5
+    unclipped = record["equivalence"][("galore_svd", mode, "none")]["regular"]
+    assert max_difference(entry["regular"], unclipped) > 1e-3  # the clip acted
+
+
 def test_parameters_swapped_in_by_accelerate_get_the_hooks(record):
     swapped, regular = record["swapped"], record["equivalence"][("galore_svd", "fsdp", "none")]["regular"]
     assert max_difference(swapped["params"], regular) < 1e-5
