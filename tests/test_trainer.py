@@ -83,6 +83,24 @@ def test_save_and_resume_equals_uninterrupted(tmp_path, optim):
     assert moved
 
 
+def test_trainer_route_says_once_what_it_projected(tmp_path, capsys, monkeypatch):
+    """The Trainer route prints the factory's one-line summary (matrices, share, rank) once."""
+    from lowrank_optim import factory
+
+    monkeypatch.setattr(factory, "_announced", set())  # earlier tests may have printed the same line
+    model = tiny_model()
+    args = training_args(tmp_path, optim="lowrank_galore_adamw", optim_args="rank=4",
+                         optim_target_modules=["self_attn", "mlp"])
+    for _ in range(2):
+        Trainer.get_optimizer_cls_and_kwargs(args, model)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lowrank_optim: projecting")]
+    total = sum(p.numel() for p in model.parameters())
+    projected = sum(m.weight.numel() for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and (".self_attn." in n or ".mlp." in n))
+    assert lines == [f"lowrank_optim: projecting 14 matrices ({100 * projected / total:.1f}% of {total:,} "
+                     "parameters) at rank 4; the rest is dense"]
+
+
 def test_every_optimizer_name_builds_and_steps(tmp_path):
     """Every optimizer under its name and its layer-wise name (a factory, as the Trainer
     calls it): one step moves the weights."""
