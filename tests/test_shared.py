@@ -398,10 +398,15 @@ def test_bulk_and_per_parameter_paths_agree(optimizer_case, monkeypatch):
             assert value == fb[key], key
 
 
-@pytest.mark.parametrize("cls", [lo.GaLoreAdamW, lo.DCTAdamW, lo.GaLoreAdamW8bit, lo.GaLoreAdafactor])
-def test_template_methods_step_projected_groups_in_bulk(cls, monkeypatch):
-    """GaLore-style classes (every projection hook at its default) step all the matrices of
-    a projected group together; foreach=False steps them one by one."""
+BULK_METHODS = [lo.GaLoreAdamW, lo.DCTAdamW, lo.GaLoreAdamW8bit, lo.GaLoreAdafactor, lo.FiraAdamW, lo.FrugalAdamW,
+                lo.ApolloAdamW]
+
+
+@pytest.mark.parametrize("cls", BULK_METHODS)
+def test_methods_without_per_parameter_hooks_step_projected_groups_in_bulk(cls, monkeypatch):
+    """Classes that keep the hooks around the moment rule at their defaults (their own
+    hooks shape the update, which both paths apply alike) step all the matrices of a
+    projected group together; foreach=False steps them one by one."""
     seen = []
     original = lo.optim.base.LowRankOptimizer._step_many
     monkeypatch.setattr(lo.optim.base.LowRankOptimizer, "_step_many",
@@ -415,3 +420,18 @@ def test_template_methods_step_projected_groups_in_bulk(cls, monkeypatch):
     opt.foreach = False
     opt.step()
     assert seen == []
+
+
+@pytest.mark.parametrize("cls", [lo.NaturalGaLoreAdamW, lo.GradNormLoRPAdamW])
+def test_methods_with_per_parameter_hooks_step_projected_groups_one_by_one(cls, monkeypatch):
+    """A class that transforms the gradient around the moment rule (Natural GaLore's
+    history, GradNormLoRP's chain rule) steps its projected matrices one by one."""
+    seen = []
+    original = lo.optim.base.LowRankOptimizer._step_many
+    monkeypatch.setattr(lo.optim.base.LowRankOptimizer, "_step_many",
+                        lambda self, params, *a: (seen.append(len(params)), original(self, params, *a))[1])
+    mats, bias = make_params()
+    opt = cls([{"params": mats, "rank": 3}, {"params": [bias]}])
+    fake_grads([*mats, bias], 0)
+    opt.step()
+    assert seen == [1]  # the dense group only

@@ -117,7 +117,7 @@ class ApolloAdamW(LowRankOptimizer):
 
     def full_rank_direction(self, direction: None, step: ParamStep) -> torch.Tensor:
         group = step.group
-        _, ratio = scaling.norm_ratio(step, per_channel=group["scaling"] == "channel")
+        _, ratio = scaling.norm_ratio(step, per_channel=group["scaling"] == "channel", reference=True)
         scaled = step.grad * ratio.to(step.grad.dtype)
         scaled = scaling.limit_growth(scaled, step.state, group["norm_growth_limit"], reference=True, layout=step.layout)
         return scaled * group["scale"]

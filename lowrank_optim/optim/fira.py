@@ -136,7 +136,7 @@ class FiraAdamW(LowRankOptimizer):
         inside = step.projector.project_back(step.low, step.state["projector"])
         if group["reference_compat"]:
             inside = inside * alpha  # the reference subtracts alpha * P R, not P R
-        _, ratio = scaling.norm_ratio(step, per_channel=group["scaling"] == "column")
+        _, ratio = scaling.norm_ratio(step, per_channel=group["scaling"] == "column", reference=True)
         residual = (step.grad - inside).mul_(ratio.to(step.grad.dtype))
         residual = scaling.limit_growth(
             residual, step.state, group["norm_growth_limit"], group["reference_compat"], step.layout
