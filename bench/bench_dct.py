@@ -10,7 +10,7 @@ Run from the repository root::
 Options: ``--repeats N`` (default 3: the exact SVD of 2048 x 5461 dominates the run),
 ``--threads N`` (use 1 on a CPU shared with other jobs, see ``bench_galore.py``),
 ``--out DIR`` (default ``bench/out``, git-ignored).  The timing helpers (round-robin
-samples, medians, the gradient-like test matrices) are ``bench_galore.py``'s.
+samples, medians, the gradient-like test matrices) are ``bench/common.py``'s.
 
 Four measurements, all in one process so that every ratio compares numbers taken under
 the same load:
@@ -38,19 +38,12 @@ from typing import Callable
 
 import torch
 
-from bench_galore import (  # bench/ is on sys.path when this file runs as a script
-    UPDATE_PROJ_GAP,
-    announce_machine,
-    gradient_like,
-    interleaved_samples,
-    load_average,
-    median,
-    synchronizer,
-    write_results,
-)
+from common import (UPDATE_PROJ_GAP, announce_machine, gradient_like, interleaved_samples, load_average, median,
+                    run_record, synchronizer, timing_parser, write_results)  # bench/ is on sys.path when run as a script
 from lowrank_optim.projectors import REGISTRY
 from lowrank_optim.projectors import dct as dct_module
 from lowrank_optim.projectors.base import LEFT, choose_side
+from tables import table
 
 #: (label, m, n, rank): LLaMA-60M MLP and the LLaMA-1B attention and MLP projections.
 REFRESH_CASES = [("60M MLP", 512, 1376, 128), ("1B attn", 2048, 2048, 512), ("1B MLP", 2048, 5461, 512)]
@@ -140,65 +133,38 @@ def bench_case(label, m, n, rank, repeats, device, sync) -> dict:
 
 
 def tables(rows: list[dict], repeats: int) -> str:
-    out = [
-        f"### Refresh: new subspace + one projection (median of {repeats}; ratio < 1: DCT faster)",
-        "| case | m x n | rank | svd (ms) | rsvd (ms) | dct matmul (ms) | dct fft (ms) "
-        "| dct fft / svd | dct fft / rsvd | dct matmul / svd | dct matmul / rsvd |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    refresh, energy, similarity, per_step = [], [], [], []
     for row in rows:
         m, n, rank = row["shape"]
         t = {k: median(v) for k, v in row["refresh"].items()}
-        out.append(
-            f"| {row['label']} | {m}x{n} | {rank} | {t['svd'] * 1e3:.1f} | {t['rsvd'] * 1e3:.1f} "
-            f"| {t['dct matmul'] * 1e3:.1f} | {t['dct fft'] * 1e3:.1f} "
-            f"| {t['dct fft'] / t['svd']:.3f} | {t['dct fft'] / t['rsvd']:.3f} "
-            f"| {t['dct matmul'] / t['svd']:.3f} | {t['dct matmul'] / t['rsvd']:.3f} |"
-        )
-    out += [
+        refresh.append((row["label"], f"{m}x{n}", rank, *(f"{t[k] * 1e3:.1f}" for k in CONTENDERS),
+                        *(f"{t[dct] / t[peer]:.3f}" for dct in ("dct fft", "dct matmul") for peer in ("svd", "rsvd"))))
+        energy.append((row["label"], *(f"{row['energy'][k]:.4%}" for k in CONTENDERS)))
+        mm, fft = median(row["transform"]["matmul"]), median(row["transform"]["fft"])
+        similarity.append((row["label"], row["basis_size"], f"{mm * 1e3:.2f}", f"{fft * 1e3:.2f}", f"{fft / mm:.3f}",
+                           f"{row['build_s'] * 1e3:.1f}"))
+        svd, dct = median(row["round_trip"]["svd"]), median(row["round_trip"]["dct matmul"])
+        per_step.append((row["label"], f"{svd * 1e3:.2f}", f"{dct * 1e3:.2f}", f"{dct / svd:.2f}"))
+    return "\n".join([
+        f"### Refresh: new subspace + one projection (median of {repeats}; ratio < 1: DCT faster)",
+        table(("case", "m x n", "rank", *(f"{k} (ms)" for k in CONTENDERS), "dct fft / svd", "dct fft / rsvd",
+               "dct matmul / svd", "dct matmul / rsvd"), refresh, align="ll" + "r" * 9),
         "",
         "Energy kept, ||proj(G)||^2 / sum_{i<=r} sigma_i^2 (random singular vectors: the worst case for a fixed basis)",
         "",
-        "| case | svd | rsvd | dct matmul | dct fft |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        e = row["energy"]
-        out.append(f"| {row['label']} | {e['svd']:.4%} | {e['rsvd']:.4%} | {e['dct matmul']:.4%} | {e['dct fft']:.4%} |")
-    out += [
+        table(("case", *CONTENDERS), energy, align="lrrrr"),
         "",
         f"### Similarity S = G C (or Cᵀ G): matmul vs FFT (median of {repeats})",
-        "| case | basis size | matmul (ms) | fft (ms) | fft / matmul | basis build, once per size (ms) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        mm, fft = median(row["transform"]["matmul"]), median(row["transform"]["fft"])
-        out.append(
-            f"| {row['label']} | {row['basis_size']} | {mm * 1e3:.2f} | {fft * 1e3:.2f} | {fft / mm:.3f} "
-            f"| {row['build_s'] * 1e3:.1f} |"
-        )
-    out += [
+        table(("case", "basis size", "matmul (ms)", "fft (ms)", "fft / matmul", "basis build, once per size (ms)"),
+              similarity, align="lrrrrr"),
         "",
         f"### Per step: project + project back, no refresh (median of {repeats})",
-        "| case | svd dense basis (ms) | dct gathered basis (ms) | dct / svd |",
-        "|---|---:|---:|---:|",
-    ]
-    for row in rows:
-        svd, dct = median(row["round_trip"]["svd"]), median(row["round_trip"]["dct matmul"])
-        out.append(f"| {row['label']} | {svd * 1e3:.2f} | {dct * 1e3:.2f} | {dct / svd:.2f} |")
-    return "\n".join(out)
+        table(("case", "svd dense basis (ms)", "dct gathered basis (ms)", "dct / svd"), per_step, align="lrrr"),
+    ])  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="small shapes only: a smoke run in seconds")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per contender (default 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--out", default="bench/out", help="directory for the markdown tables and raw JSON")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    return parser.parse_args(argv)
+    return timing_parser(__doc__, repeats_default=3, repeats_help="default 3").parse_args(argv)
 
 
 def main(argv=None) -> None:
@@ -220,14 +186,7 @@ def main(argv=None) -> None:
     )
     print("\n" + report)
 
-    raw = {
-        "machine": info,
-        "args": vars(args),
-        "repeats": repeats,
-        "load_average": {"start": load_before, "end": load_after},
-        "elapsed_s": elapsed,
-        "cases": rows,
-    }
+    raw = run_record(info, args, repeats, (load_before, load_after), elapsed, cases=rows)
     write_results(args.out, "bench_dct", report, raw)
 
 

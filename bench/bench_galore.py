@@ -33,39 +33,25 @@ nothing here asserts on a timing.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import json
-import os
-import platform
-import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 import lowrank_optim
+from common import (MODELS, UPDATE_PROJ_GAP, announce_machine, gradient_like, interleaved_samples, llama_stack,
+                    load_average, median, run_record, synchronizer, timing_parser, write_results)  # bench/ is on sys.path
 from lowrank_optim.memory import state_bytes
 from lowrank_optim.projectors import REGISTRY
+from tables import table
 
 with warnings.catch_warnings():  # galore_torch imports transformers, which may warn on import
     warnings.simplefilter("ignore")
     import fira
     import galore_torch
     from galore_torch.galore_projector import GaLoreProjector
-
-#: LLaMA configurations from the GaLore paper (docs/methods/galore.md#paper-settings-and-results):
-#: hidden size, MLP intermediate size and the rank the paper trains them with.
-#: ``tiny`` is not a paper model; it keeps ``--quick`` to seconds.
-MODELS: dict[str, tuple[int, int, int]] = {
-    "tiny": (128, 344, 32),
-    "60m": (512, 1376, 128),
-    "130m": (768, 2048, 256),
-    "350m": (1024, 2736, 256),
-    "1b": (2048, 5461, 512),
-}
 
 #: (label, m, n, rank) for the refresh benchmark: one MLP-shaped matrix per model size and
 #: the square 1B attention projection (square matrices take the right-side basis under std).
@@ -77,78 +63,8 @@ REFRESH_CASES = [
 ]
 QUICK_REFRESH_CASES = [("tiny MLP", 128, 344, 32), ("tiny attn", 128, 128, 32)]
 
-UPDATE_PROJ_GAP = 200  # T: the paper's refresh period, used for the amortized column
 RSVD_TARGET = {"shape": (2048, 5461, 512), "min_speedup": 3.0, "min_energy": 0.99}
 PEER = "galore_torch"  # the name every ratio is taken against
-
-
-# ---------------------------------------------------------------------------- timing
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    """Waits for queued kernels, so a timer brackets the work and not just its launch."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def time_once(fn: Callable[[], object], sync: Callable[[], None]) -> float:
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
-
-
-def interleaved_samples(
-    contenders: dict[str, Callable[[], object]], repeats: int, warmup: int, sync: Callable[[], None]
-) -> dict[str, list[float]]:
-    """Seconds per call of each contender, ``repeats`` samples each.
-
-    Contenders run round-robin (one call each per round) rather than one after the other,
-    so a burst of background load on a shared machine slows every contender alike instead
-    of landing on whichever happened to run at that moment.  Warm-up calls absorb one-off
-    costs (LAPACK workspace queries, allocator growth, lazy optimizer state).
-    """
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            samples[name].append(time_once(fn, sync))
-    return samples
-
-
-def median(samples: list[float]) -> float:
-    # The median, not the mean: on a 2-core machine shared with other jobs the samples have
-    # a long right tail (a contender preempted mid-call), and one such outlier would move a
-    # mean by more than the differences being measured.
-    return statistics.median(samples)
-
-
-# ---------------------------------------------------------------------------- inputs
-def gradient_like(m: int, n: int, rank: int, seed: int, device: torch.device) -> torch.Tensor:
-    """A seeded m x n matrix shaped like a training gradient.
-
-    A signal of rank 2r with power-law singular values sigma_i = i^-1 (the spectra of LLM
-    weight gradients decay roughly this way, and the tail between r and 2r gives a
-    randomized range finder something to miss) plus Gaussian noise whose largest singular
-    value is about half of sigma_r, so the spectrum has no clean gap at r.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    k = min(m, n, 2 * rank)
-    left = torch.linalg.qr(torch.randn(m, k, generator=gen)).Q
-    right = torch.linalg.qr(torch.randn(n, k, generator=gen)).Q
-    sigma = torch.arange(1, k + 1, dtype=torch.float32).reciprocal()
-    noise_std = 0.5 * float(sigma[rank - 1]) / (m**0.5 + n**0.5)
-    grad = (left * sigma) @ right.t() + noise_std * torch.randn(m, n, generator=gen)
-    return grad.to(device)
-
-
-def llama_stack(model: str, layers: int) -> list[tuple[int, int]]:
-    """Weight shapes (out x in) of ``layers`` LLaMA blocks: q, k, v, o, gate, up, down."""
-    hidden, intermediate, _ = MODELS[model]
-    block = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
-    return block * layers
 
 
 # ---------------------------------------------------------------------------- 1. refresh
@@ -193,19 +109,15 @@ def bench_refresh(cases, repeats: int, device: torch.device, sync) -> list[dict]
 
 
 def refresh_table(rows: list[dict]) -> str:
-    lines = [
-        "| case | m x n | rank | galore_torch SVD (s) | ours svd (s) | ours rsvd (s) "
-        "| svd / galore_torch | rsvd / galore_torch | rsvd speedup | rsvd energy |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    header = ("case", "m x n", "rank", "galore_torch SVD (s)", "ours svd (s)", "ours rsvd (s)", "svd / galore_torch",
+              "rsvd / galore_torch", "rsvd speedup", "rsvd energy")  # fmt: skip
+    cells = []
     for row in rows:
         m, n, rank = row["shape"]
         peer, svd, rsvd = (median(row["samples"][k]) for k in (PEER, "svd", "rsvd"))
-        lines.append(
-            f"| {row['label']} | {m}x{n} | {rank} | {peer:.4f} | {svd:.4f} | {rsvd:.4f} "
-            f"| {svd / peer:.2f} | {rsvd / peer:.3f} | {peer / rsvd:.1f}x | {row['energy']['rsvd']:.4%} |"
-        )
-    return "\n".join(lines)
+        cells.append((row["label"], f"{m}x{n}", rank, f"{peer:.4f}", f"{svd:.4f}", f"{rsvd:.4f}", f"{svd / peer:.2f}",
+                      f"{rsvd / peer:.3f}", f"{peer / rsvd:.1f}x", f"{row['energy']['rsvd']:.4%}"))  # fmt: skip
+    return table(header, cells, align="llrrrrrrrr")
 
 
 # ---------------------------------------------------------------------------- 2. step
@@ -335,24 +247,21 @@ def step_table(contenders: list[StepContender]) -> str:
     peer = next(c for c in contenders if c.label == PEER)
     adamw = next(c for c in contenders if not c.low_rank)
     peer_steady, peer_refresh, peer_amortized = median(peer.samples["steady"]), median(peer.samples["refresh"]), amortized(peer)
-    lines = [
-        f"| optimizer | steady (ms) | steady / {PEER} | refresh (ms) | refresh / {PEER} "
-        f"| amortized T={UPDATE_PROJ_GAP} (ms) | amortized / {PEER} | state (MiB) | state / {PEER} | state / AdamW |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    header = ("optimizer", "steady (ms)", f"steady / {PEER}", "refresh (ms)", f"refresh / {PEER}",
+              f"amortized T={UPDATE_PROJ_GAP} (ms)", f"amortized / {PEER}", "state (MiB)", f"state / {PEER}",
+              "state / AdamW")  # fmt: skip
+    rows = []
     for c in contenders:
         steady = median(c.samples["steady"])
         if c.low_rank:
             refresh = median(c.samples["refresh"])
-            refresh_cells = f"{refresh * 1e3:.1f} | {refresh / peer_refresh:.2f}"
+            refresh_cells = (f"{refresh * 1e3:.1f}", f"{refresh / peer_refresh:.2f}")
         else:
-            refresh_cells = "n/a | n/a"
-        lines.append(
-            f"| {c.label} | {steady * 1e3:.2f} | {steady / peer_steady:.2f} | {refresh_cells} "
-            f"| {amortized(c) * 1e3:.2f} | {amortized(c) / peer_amortized:.2f} "
-            f"| {c.state_bytes / 2**20:.2f} | {c.state_bytes / peer.state_bytes:.2f} | {c.state_bytes / adamw.state_bytes:.2f} |"
-        )
-    return "\n".join(lines)
+            refresh_cells = ("n/a", "n/a")
+        rows.append((c.label, f"{steady * 1e3:.2f}", f"{steady / peer_steady:.2f}", *refresh_cells,
+                     f"{amortized(c) * 1e3:.2f}", f"{amortized(c) / peer_amortized:.2f}", f"{c.state_bytes / 2**20:.2f}",
+                     f"{c.state_bytes / peer.state_bytes:.2f}", f"{c.state_bytes / adamw.state_bytes:.2f}"))  # fmt: skip
+    return table(header, rows, align="l" + "r" * 9)
 
 
 # ---------------------------------------------------------------------------- verdicts
@@ -386,64 +295,9 @@ def verdicts(refresh_rows: list[dict], contenders: list[StepContender]) -> list[
     return lines
 
 
-# ---------------------------------------------------------------------------- machine
-def machine_info(device: torch.device) -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "galore_torch": importlib.metadata.version("galore-torch"),
-        "lowrank_optim": lowrank_optim.__version__,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def load_average() -> list[float] | None:
-    """1/5/15-minute load average: documents contention from other jobs during the run."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 # ---------------------------------------------------------------------------- main
-def announce_machine(device: torch.device) -> tuple[dict, list[float] | None]:
-    """Print the machine description and load average before a run, and return both."""
-    info, load_before = machine_info(device), load_average()
-    print("## Machine\n")
-    for key, value in info.items():
-        print(f"- {key}: {value}")
-    print(f"- load average at start: {load_before}\n")
-    return info, load_before
-
-
-def write_results(out_dir: str, name: str, report: str, raw: dict) -> None:
-    """``DIR/name.md`` (the tables) and ``DIR/name.json`` (every raw sample)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.md").write_text(report + "\n")
-    (out / f"{name}.json").write_text(json.dumps(raw, indent=1))
-    print(f"\nWrote {out / name}.md and {out / name}.json")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes only: a smoke run in seconds")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per contender (default 5, quick 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--out", default="bench/out", help="directory for the markdown tables and raw JSON")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser = timing_parser(__doc__, repeats_default=None, repeats_help="default 5, quick 3")
     parser.add_argument("--model", choices=sorted(MODELS), default=None, help="step-benchmark shapes (default 60m, quick tiny)")
     parser.add_argument("--layers", type=int, default=2, help="LLaMA blocks in the step-benchmark stack (7 matrices each)")
     parser.add_argument("--steady-steps", type=int, default=20, help="steps per timed steady-state sample")
@@ -488,23 +342,16 @@ def main(argv=None) -> None:
     )
     print("\n" + report)
 
-    raw = {
-        "machine": info,
-        "args": vars(args),
-        "repeats": repeats,
-        "load_average": {"start": load_before, "end": load_after},
-        "elapsed_s": elapsed,
-        "refresh": refresh_rows,
-        "steps": {
-            "model": model,
-            "shapes": shapes,
-            "rank": rank,
-            "update_proj_gap": UPDATE_PROJ_GAP,
-            "samples_s": {c.label: c.samples for c in contenders},
-            "amortized_s": {c.label: amortized(c) for c in contenders},
-            "state_bytes": {c.label: c.state_bytes for c in contenders},
-        },
+    steps = {
+        "model": model,
+        "shapes": shapes,
+        "rank": rank,
+        "update_proj_gap": UPDATE_PROJ_GAP,
+        "samples_s": {c.label: c.samples for c in contenders},
+        "amortized_s": {c.label: amortized(c) for c in contenders},
+        "state_bytes": {c.label: c.state_bytes for c in contenders},
     }
+    raw = run_record(info, args, repeats, (load_before, load_after), elapsed, refresh=refresh_rows, steps=steps)
     write_results(args.out, "bench_galore", report, raw)
 
 

@@ -9,7 +9,7 @@ Run from the repository root::
 Options: ``--models`` (1b, 7b), ``--ranks``, ``--layers`` (the batch is the number of
 matrices of one shape in that many LLaMA blocks), ``--repeats``, ``--threads``, ``--out``
 (default ``bench/out``, git-ignored).  Every time is the median of ``--repeats`` round-robin
-samples (``bench_galore.interleaved_samples``), and every speed is a ratio against a peer
+samples (``common.interleaved_samples``), and every speed is a ratio against a peer
 measured in the same process.
 
 1. **Batched randomized SVD** (issue 5): for each weight shape of a LLaMA block and each
@@ -25,7 +25,7 @@ measured in the same process.
 
    Quality is the captured energy :math:`\|U_r^\top A\|_F^2 / \|A\|_F^2`, reported for the
    exact SVD and, for the others, as the worst ratio to it over the batch.  The gradients
-   are ``bench_galore.gradient_like`` (power-law spectrum plus noise, no gap at r) built for
+   are ``common.gradient_like`` (power-law spectrum plus noise, no gap at r) built for
    the largest rank of the run, so all ranks see the same matrices.
 2. **INT4 projection** (Q-GaLore's basis): the fused ``int4_project_fused`` /
    ``int4_project_back_fused`` ops against dequantizing the whole basis in PyTorch
@@ -48,27 +48,22 @@ from typing import Callable
 
 import torch
 
-from bench_galore import (
-    announce_machine,
-    gradient_like,
-    interleaved_samples,
-    median,
-    synchronizer,
-    write_results,
-)
+from common import announce_machine, gradient_like, interleaved_samples, median, synchronizer, write_results
 
 import lowrank_optim  # noqa: F401  (registers the ops, loads the extension)
 from lowrank_optim.kernels import extension, int4, reference
 from lowrank_optim.kernels.int4 import Int4Basis
 from lowrank_optim.kernels import rsvd as rsvd_kernel
+from lowrank_optim.memory import LLAMA_CONFIGS
 from lowrank_optim.projectors.base import LEFT, choose_side
 from lowrank_optim.projectors.rsvd import sketch_matrix
+from tables import markdown_row, table
 
 OVERSAMPLE, POWER_ITERS = 8, 2
 INT4_GROUP_SIZE = 256
 
 #: hidden size and MLP intermediate size of the LLaMA models in the GaLore paper (docs/methods/galore.md).
-MODELS = {"1b": (2048, 5461), "7b": (4096, 11008)}
+MODELS = {name: LLAMA_CONFIGS[name][:2] for name in ("1b", "7b")}
 #: Not a paper model: ``--quick`` shapes, LLaMA's proportions at 1/8 of 1B.
 QUICK_MODEL = {"quick": (256, 683)}
 
@@ -153,22 +148,19 @@ def seeded(index: int, device: torch.device) -> torch.Generator:
     return gen
 
 
-RSVD_HEADER = (
-    "| model | shape | m x n | b | rank | ours (ms) | ours b=1 (ms) | svd loop (ms) | svd_lowrank loop (ms) "
-    "| best peer / ours | exact energy | ours / exact | svd_lowrank / exact |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-)
+#: Printed before the first row is measured; each row follows as soon as it is.
+RSVD_HEADER = table(("model", "shape", "m x n", "b", "rank", "ours (ms)", "ours b=1 (ms)", "svd loop (ms)",
+                     "svd_lowrank loop (ms)", "best peer / ours", "exact energy", "ours / exact",
+                     "svd_lowrank / exact"), [])  # fmt: skip
 
 
 def rsvd_row(row: dict) -> str:
     t, e = row["times_s"], row["energy_ratio_min"]
     best_peer = min(t["svd loop"], t["svd_lowrank loop"])
-    return (
-        f"| {row['model']} | {row['shape']} | {row['m']}x{row['n']} | {row['batch']} | {row['rank']} "
-        f"| {1e3 * t['ours']:.1f} | {1e3 * t['ours b=1']:.1f} | {1e3 * t['svd loop']:.1f} "
-        f"| {1e3 * t['svd_lowrank loop']:.1f} | {best_peer / t['ours']:.2f}x | {row['exact_energy']:.4f} "
-        f"| {e['ours']:.5f} | {e['svd_lowrank loop']:.5f} |"
-    )
+    return markdown_row((row["model"], row["shape"], f"{row['m']}x{row['n']}", row["batch"], row["rank"],
+                         *(f"{1e3 * t[k]:.1f}" for k in ("ours", "ours b=1", "svd loop", "svd_lowrank loop")),
+                         f"{best_peer / t['ours']:.2f}x", f"{row['exact_energy']:.4f}", f"{e['ours']:.5f}",
+                         f"{e['svd_lowrank loop']:.5f}"))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- 2. INT4 projection
@@ -236,21 +228,17 @@ def auto_paths(grad: torch.Tensor, low: torch.Tensor, basis: Int4Basis) -> str:
     return "/".join(found)
 
 
-INT4_HEADER = (
-    "| model | shape | m x n | basis side | rank | dtype | fused project+back (ms) "
-    "| dequantize+matmul (ms) | peer / fused | op, auto (ms) | auto picked (project/back) | relative difference |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
-)
+INT4_HEADER = table(("model", "shape", "m x n", "basis side", "rank", "dtype", "fused project+back (ms)",
+                     "dequantize+matmul (ms)", "peer / fused", "op, auto (ms)", "auto picked (project/back)",
+                     "relative difference"), [])  # fmt: skip
 
 
 def int4_row(row: dict) -> str:
     t = row["times_s"]
-    return (
-        f"| {row['model']} | {row['shape']} | {row['m']}x{row['n']} | {row['side']} | {row['rank']} | {row['dtype']} "
-        f"| {1e3 * t['fused']:.2f} | {1e3 * t['dequantize+matmul']:.2f} "
-        f"| {t['dequantize+matmul'] / t['fused']:.2f}x | {1e3 * t['op (auto)']:.2f} | {row['auto_paths']} "
-        f"| {row['relative_difference']:.1e} |"
-    )
+    return markdown_row((row["model"], row["shape"], f"{row['m']}x{row['n']}", row["side"], row["rank"], row["dtype"],
+                         f"{1e3 * t['fused']:.2f}", f"{1e3 * t['dequantize+matmul']:.2f}",
+                         f"{t['dequantize+matmul'] / t['fused']:.2f}x", f"{1e3 * t['op (auto)']:.2f}", row["auto_paths"],
+                         f"{row['relative_difference']:.1e}"))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- 3. small SVD
@@ -280,11 +268,9 @@ def bench_small_svd(batch: int, k: int, n: int, repeats: int, device, sync) -> d
 
 
 def small_svd_table(row: dict) -> str:
-    lines = [f"B: {row['batch']} x {row['k']} x {row['n']}, singular values spread over 1e-4\n",
-             "| method | time (ms) | max abs(V^T V - I) |", "|---|---|---|"]
-    for name, t in row["times_s"].items():
-        lines.append(f"| {name} | {1e3 * t:.1f} | {row['orthonormality_error'][name]:.1e} |")
-    return "\n".join(lines)
+    rows = [(name, f"{1e3 * t:.1f}", f"{row['orthonormality_error'][name]:.1e}") for name, t in row["times_s"].items()]
+    return (f"B: {row['batch']} x {row['k']} x {row['n']}, singular values spread over 1e-4\n\n"
+            + table(("method", "time (ms)", "max abs(V^T V - I)"), rows))
 
 
 # ---------------------------------------------------------------------------- main

@@ -32,6 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lowrank_optim as lo  # noqa: E402  (after the path insert)
+from tables import table  # noqa: E402  (bench/ is on sys.path when this file runs as a script)
 
 
 def local_bytes(t: torch.Tensor) -> int:
@@ -102,20 +103,17 @@ def mib(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
-def table(rows: list[dict], config: dict) -> str:
-    lines = [
+def report(rows: list[dict], config: dict) -> str:
+    cells = [(r["mode"].replace("ddp", "DDP").replace("fsdp", "FSDP2"), r["layerwise"], mib(r["peak"]),
+              mib(r["left_after_backward"]), mib(max(r["layer_bytes"])), mib(sum(r["layer_bytes"]))) for r in rows]
+    header = ("wrapper", "layerwise", "peak during backward", "left after backward", "one layer (this rank)",
+              "all layers (this rank)")  # fmt: skip
+    return "\n".join([
         f"{config['layers']} layers of {config['width']} x {config['width']} (+ bias), GaLoreAdamW rank "
         f"{config['rank']}, {config['world']} gloo processes; bytes of live `.grad` per rank",
         "",
-        "| wrapper | layerwise | peak during backward | left after backward | one layer (this rank) | all layers (this rank) |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['mode'].replace('ddp', 'DDP').replace('fsdp', 'FSDP2')} | {r['layerwise']} | {mib(r['peak'])} | {mib(r['left_after_backward'])} | "
-            f"{mib(max(r['layer_bytes']))} | {mib(sum(r['layer_bytes']))} |"
-        )
-    return "\n".join(lines) + "\n"
+        table(header, cells, align="llrrrr"),
+    ]) + "\n"  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -135,7 +133,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(worker, args=(args.world, port, config, args.out), nprocs=args.world, join=True)
     rows = json.loads(Path(args.out, "rows.json").read_text())
-    text = table(rows, config)
+    text = report(rows, config)
     Path(args.out, "layerwise_memory.md").write_text(text)
     Path(args.out, "layerwise_memory.json").write_text(json.dumps({"config": config, "rows": rows}, indent=1))
     print(text)

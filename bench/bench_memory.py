@@ -23,8 +23,9 @@ from typing import Callable
 import torch
 
 import lowrank_optim as lo
-from bench_galore import MODELS, llama_stack, write_results  # bench/ is on sys.path
+from common import MODELS, llama_stack, write_results  # bench/ is on sys.path
 from lowrank_optim.memory import state_bytes_per_param
+from tables import table
 
 BLOCK_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -82,28 +83,23 @@ def report(results: dict[str, tuple[dict[str, int], int]], names: list[str], blo
     mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
     labels = list(results)
     adamw_total = sum(results["torch AdamW"][0].values())
-    lines = [
+    # every block has the same shapes: show the first
+    per_layer = [(name, *(mib(results[k][0][name]) for k in labels)) for name in names[: len(BLOCK_NAMES)]]
+    totals = []
+    for label in labels:
+        layers, weights = results[label]
+        total = sum(layers.values())
+        totals.append((label, mib(total), f"{total / adamw_total:.2f}", mib(weights), mib(total + weights)))
+    return "\n".join([
         "### Optimizer state per layer (MiB)",
         "",
-        "| layer | " + " | ".join(labels) + " |",
-        "|---|" + "---:|" * len(labels),
-    ]
-    for name in names[: len(BLOCK_NAMES)]:  # every block has the same shapes: show the first
-        lines.append(f"| {name} | " + " | ".join(mib(results[k][0][name]) for k in labels) + " |")
-    lines += [
+        table(("layer", *labels), per_layer, align="l" + "r" * len(labels)),
         "",
         f"### Totals ({blocks} blocks, {len(names)} matrices)",
         "",
-        "| optimizer | state (MiB) | state / AdamW | weights (MiB) | weights + state (MiB) |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for label in labels:
-        per_layer, weights = results[label]
-        total = sum(per_layer.values())
-        lines.append(
-            f"| {label} | {mib(total)} | {total / adamw_total:.2f} | {mib(weights)} | {mib(total + weights)} |"
-        )
-    return "\n".join(lines)
+        table(("optimizer", "state (MiB)", "state / AdamW", "weights (MiB)", "weights + state (MiB)"), totals,
+              align="lrrrr"),
+    ])  # fmt: skip
 
 
 def main(argv=None) -> None:

@@ -37,6 +37,7 @@ from torch import nn
 import lowrank_optim
 from lowrank_optim.optim.qgalore import QGaLoreAdamW8bit
 from lowrank_optim.quant import convert_linear_to_int8
+from tables import table  # bench/ is on sys.path when this file runs as a script
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -153,39 +154,35 @@ def run(layers: int) -> dict:
     return results
 
 
-def table(results: dict, layers: int) -> str:
+def report(results: dict, layers: int) -> str:
     kb = lambda b: f"{b / 1024:,.0f}"  # noqa: E731
-    lines = [
-        f"## Per matrix (one block of {layers}; KiB)",
-        "",
-        "| matrix | AdamW state | GaLore state | GaLore basis | Q-GaLore state | Q-GaLore basis | q_galore_torch basis | basis ratio ours/theirs | bf16 weight | INT8 weight |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, row in results["per_matrix"].items():
-        lines.append(
-            f"| {name} | {kb(row['torch AdamW state'])} | {kb(row['GaLoreAdamW state'])} | {kb(row['GaLoreAdamW basis'])} "
-            f"| {kb(row['QGaLoreAdamW8bit state'])} | {kb(row['QGaLoreAdamW8bit basis'])} | {kb(row['q_galore_torch basis'])} "
-            f"| {row['QGaLoreAdamW8bit basis'] / row['q_galore_torch basis']:.3f} "
-            f"| {kb(row['torch AdamW weight'])} | {kb(row['QGaLoreAdamW8bit weight'])} |"
-        )
+    per_matrix = [
+        (name, kb(row["torch AdamW state"]), kb(row["GaLoreAdamW state"]), kb(row["GaLoreAdamW basis"]),
+         kb(row["QGaLoreAdamW8bit state"]), kb(row["QGaLoreAdamW8bit basis"]), kb(row["q_galore_torch basis"]),
+         f"{row['QGaLoreAdamW8bit basis'] / row['q_galore_torch basis']:.3f}", kb(row["torch AdamW weight"]),
+         kb(row["QGaLoreAdamW8bit weight"]))
+        for name, row in results["per_matrix"].items()
+    ]  # fmt: skip
     total = results["total"]
     adamw = total["torch AdamW"]["state"] + total["torch AdamW"]["weights"]
-    lines += [
+    whole = []
+    for label in ("torch AdamW", "GaLoreAdamW", "QGaLoreAdamW8bit"):
+        s, w = total[label]["state"], total[label]["weights"]
+        whole.append((label, f"{s / MB:.1f}", f"{w / MB:.1f}", f"{(s + w) / MB:.1f}", f"{(s + w) / adamw:.2f}"))
+    ours = sum(r["QGaLoreAdamW8bit basis"] for r in results["per_matrix"].values()) * layers
+    return "\n".join([
+        f"## Per matrix (one block of {layers}; KiB)",
+        "",
+        table(("matrix", "AdamW state", "GaLore state", "GaLore basis", "Q-GaLore state", "Q-GaLore basis",
+               "q_galore_torch basis", "basis ratio ours/theirs", "bf16 weight", "INT8 weight"), per_matrix,
+              align="l" + "r" * 9),
         "",
         f"## Whole model ({layers} blocks + embedding, LM head, norms; MiB)",
         "",
-        "| optimizer | optimizer state | weights | state + weights | vs AdamW |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for label in ("torch AdamW", "GaLoreAdamW", "QGaLoreAdamW8bit"):
-        s, w = total[label]["state"], total[label]["weights"]
-        lines.append(f"| {label} | {s / MB:.1f} | {w / MB:.1f} | {(s + w) / MB:.1f} | {(s + w) / adamw:.2f} |")
-    ours = sum(r["QGaLoreAdamW8bit basis"] for r in results["per_matrix"].values()) * layers
-    lines.append(
+        table(("optimizer", "optimizer state", "weights", "state + weights", "vs AdamW"), whole, align="lrrrr"),
         f"\nProjection bases of the {7 * layers} attention/MLP matrices: ours {ours / MB:.2f} MiB, "
-        f"q_galore_torch {total['q_galore_torch']['basis'] / MB:.2f} MiB ({ours / total['q_galore_torch']['basis']:.3f}x)."
-    )
-    return "\n".join(lines)
+        f"q_galore_torch {total['q_galore_torch']['basis'] / MB:.2f} MiB ({ours / total['q_galore_torch']['basis']:.3f}x).",
+    ])  # fmt: skip
 
 
 def main() -> None:
@@ -194,7 +191,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out")
     args = parser.parse_args()
     results = run(args.layers)
-    text = table(results, args.layers)
+    text = report(results, args.layers)
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

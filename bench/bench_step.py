@@ -18,7 +18,7 @@ matrix products of a GaLore step, the least any implementation of that arithmeti
 
 Settings as bench/compare.py (lr 1e-3, weight decay 0, scale 0.25, ``proj_type="std"``);
 fixed seeded gradients in ``.grad``, each contender on its own copy; contenders of a case run
-round-robin (bench_galore.interleaved_samples).  Steady = median step of an optimizer whose
+round-robin (common.interleaved_samples).  Steady = median step of an optimizer whose
 ``update_proj_gap`` is never reached (its first, refreshing step is a warm-up); refresh =
 median step of one with T = 1; amortized = (refresh + (T - 1) steady) / T.  Tables go to
 stdout and ``OUT/bench_step.md``, raw samples to ``OUT/bench_step.json``; nothing is asserted.
@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -42,11 +43,15 @@ import lowrank_optim
 from lowrank_optim.memory import process_peak_since, start_process_peak, state_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a directory of scripts
-from bench_galore import (MODELS, announce_machine, interleaved_samples, llama_stack, load_average, median,  # noqa: E402
-                          synchronizer, time_once, write_results)
+from common import (MODELS, announce_machine, interleaved_samples, llama_stack, load_average, median,  # noqa: E402
+                    synchronizer, time_once, write_results)
 from compare import LR, SCALE  # noqa: E402
-import fira  # noqa: E402  (bench_galore has imported both peers with their warnings silenced)
-import galore_torch  # noqa: E402
+from tables import table  # noqa: E402
+
+with warnings.catch_warnings():  # galore_torch imports transformers, which may warn on import
+    warnings.simplefilter("ignore")
+    import fira
+    import galore_torch
 
 NEVER = 10**9  # update_proj_gap of a steady-state optimizer: only its first step refreshes
 T = 200  # the refresh period of the amortized step (the paper's)
@@ -288,28 +293,29 @@ def cell(value, unit) -> str:
     return {"s": f"{value * 1e3:.2f} ms", "B": f"{value / 2**20:.1f} MiB"}.get(unit, f"{value:.1f}")
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| case | ours | peer | ours | peer | ours / peer | target | verdict | note |",
-             "|---|---|---|---:|---:|---:|---|---|---|"]  # fmt: skip
+def targets_table(rows: list[dict]) -> str:
+    cells = []
     for r in rows:
         gpu = r["note"] == NEEDS_GPU
         verdict = NEEDS_GPU if gpu else {True: "**met**", False: "**not met**", None: "-"}[r["met"]]
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        lines.append(f"| {r['case']} | {r['ours_label']} | {r['peer_label']} | {cell(r['ours'], r['unit'])} "
-                     f"| {cell(r['peer'], r['unit'])} | {ratio} | {r['target'] or '-'} | {verdict} | {'' if gpu else r['note']} |")
-    return "\n".join(lines)
+        cells.append((r["case"], r["ours_label"], r["peer_label"], cell(r["ours"], r["unit"]), cell(r["peer"], r["unit"]),
+                      ratio, r["target"] or "-", verdict, "" if gpu else r["note"]))  # fmt: skip
+    header = ("case", "ours", "peer", "ours", "peer", "ours / peer", "target", "verdict", "note")
+    return table(header, cells, align="lllrrr")
 
 
 def peak_table(results: dict) -> str:
     any_child = next(iter(results.values()))
-    lines = [f"Peak over {any_child['steps']} steady steps, {any_child['layers']} LLaMA-{any_child['model']} block(s), "
-             f"one process each; a matrix = the largest m x n weight, {any_child['matrix_bytes'] / 2**20:.1f} MiB; "
-             f"weights + gradients {any_child['weights_grads_bytes'] / 2**20:.1f} MiB in each process.",
-             "", "| optimizer | state (MiB) | peak rise (MiB) | peak rise (matrices) |", "|---|---:|---:|---:|"]  # fmt: skip
-    for who, r in results.items():
-        lines.append(f"| {who} | {r['state_bytes'] / 2**20:.1f} | {cell(r['peak_bytes'], 'B').removesuffix(' MiB')} "
-                     f"| {r['peak_matrices']:.2f} |")
-    return "\n".join(lines)
+    rows = [(who, f"{r['state_bytes'] / 2**20:.1f}", cell(r["peak_bytes"], "B").removesuffix(" MiB"), f"{r['peak_matrices']:.2f}")
+            for who, r in results.items()]  # fmt: skip
+    return "\n".join([
+        f"Peak over {any_child['steps']} steady steps, {any_child['layers']} LLaMA-{any_child['model']} block(s), "
+        f"one process each; a matrix = the largest m x n weight, {any_child['matrix_bytes'] / 2**20:.1f} MiB; "
+        f"weights + gradients {any_child['weights_grads_bytes'] / 2**20:.1f} MiB in each process.",
+        "",
+        table(("optimizer", "state (MiB)", "peak rise (MiB)", "peak rise (matrices)"), rows, align="lrrr"),
+    ])  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -347,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report = "\n\n".join([
         f"### Step engine, {args.device}, {torch.get_num_threads()} threads, median of {bench.repeats} rounds"
         + (" (--quick: tiny shapes)" if args.quick else ""),
-        table(rows),
+        targets_table(rows),
         peak_table(bench.extra["peak_1b"]),
         f"Load average at start {load_before}, at end {load_average()}; {elapsed:.0f} s.",
     ])  # fmt: skip

@@ -8,7 +8,7 @@ Run from the repository root::
     python bench/compare.py --device cuda --model 1b      # GPU: LLaMA-1B shapes, T = 200
 
 Contenders step a stack of LLaMA-shaped weight matrices (``--layers`` blocks of q, k, v, o,
-gate, up, down; ``bench_galore.MODELS`` gives the shapes and the paper's rank) with fixed
+gate, up, down; ``common.MODELS`` gives the shapes and the paper's rank) with fixed
 gradients, all at matched settings: lr 1e-3, betas (0.9, 0.999), weight decay 0, scale 0.25,
 rank and ``update_proj_gap`` T alike; each keeps its own default epsilon (it changes no
 timing).  APOLLO runs at its paper's scales instead (α = 1, and APOLLO-Mini's rank 1,
@@ -80,7 +80,8 @@ import lowrank_optim
 from lowrank_optim.memory import estimate, process_peak_since, start_process_peak, state_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a directory of scripts
-from bench_galore import MODELS, announce_machine, load_average, synchronizer, time_once, write_results  # noqa: E402
+from common import MODELS, announce_machine, load_average, synchronizer, time_once, write_results  # noqa: E402
+from tables import table  # noqa: E402
 
 LR, SCALE = 1e-3, 0.25
 ADAMW = "torch AdamW foreach"  # the dense reference every contender is also compared with
@@ -255,7 +256,9 @@ def first_period(c: Contender, stack: LlamaStack, gap: int, rank: int, device: t
     """Build ``c`` on its own copy of the stack and take T steps; returns the period runner
     (None, with ``c.error`` set, when the peer is missing or crashes)."""
     try:
-        importlib.import_module(c.package)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # galore_torch imports transformers, which may warn on import
+            importlib.import_module(c.package)
     except Exception as error:  # ImportError, or a package that breaks while importing
         c.error = f"not importable: {describe(error)}"
         return None
@@ -377,24 +380,18 @@ def rows(cs: list[Contender], gap: int) -> list[dict]:
     return out
 
 
-def table(records: list[dict], gap: int, device: torch.device) -> str:
+def results_table(records: list[dict], gap: int) -> str:
     def cell(x):
         return "-" if x is None else f"{x:.2f}"
 
-    lines = [
-        f"| optimizer | matching peer | amortized T={gap} (ms) | / peer | refresh (ms) | / peer | steady (ms) | / peer "
-        "| state (MiB) | / peer | / minimum | / AdamW | peak (MiB) | / peer |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in records:
-        peak = mib(r["peak_bytes"]) if r["peak_bytes"] is not None else "n/m"
-        lines.append(
-            f"| {r['label']} | {r['peer'] or '-'} | {ms(r['amortized_s'])} | {cell(r['amortized_vs_peer'])} "
-            f"| {ms(r['refresh_s'])} | {cell(r['refresh_vs_peer'])} | {ms(r['steady_s'])} | {cell(r['steady_vs_peer'])} "
-            f"| {mib(r['state_bytes'])} | {cell(r['state_vs_peer'])} | {cell(r['state_vs_minimum'])} "
-            f"| {cell(r['state_vs_adamw'])} | {peak} | {cell(r['peak_vs_peer'])} |"
-        )
-    return "\n".join(lines)
+    header = ("optimizer", "matching peer", f"amortized T={gap} (ms)", "/ peer", "refresh (ms)", "/ peer", "steady (ms)",
+              "/ peer", "state (MiB)", "/ peer", "/ minimum", "/ AdamW", "peak (MiB)", "/ peer")  # fmt: skip
+    rows = [(r["label"], r["peer"] or "-", ms(r["amortized_s"]), cell(r["amortized_vs_peer"]), ms(r["refresh_s"]),
+             cell(r["refresh_vs_peer"]), ms(r["steady_s"]), cell(r["steady_vs_peer"]), mib(r["state_bytes"]),
+             cell(r["state_vs_peer"]), cell(r["state_vs_minimum"]), cell(r["state_vs_adamw"]),
+             mib(r["peak_bytes"]) if r["peak_bytes"] is not None else "n/m", cell(r["peak_vs_peer"]))
+            for r in records]  # fmt: skip
+    return table(header, rows, align="ll" + "r" * 12)
 
 
 def failures(cs: list[Contender]) -> list[dict]:
@@ -460,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report = "\n\n".join([
         f"### {layers} LLaMA-{args.model} block(s) ({shapes} per block), rank {rank}, T = {gap}, "
         f"{args.device}, {torch.get_num_threads()} threads; median of {repeats} periods",
-        table(records, gap, device),
+        results_table(records, gap),
         "Not measured (missing, crashed or skipped):\n\n" + "\n".join(f"- {f['label']}: {f['reason']}" for f in failed)
         if failed else "Every peer ran.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items())

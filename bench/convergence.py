@@ -79,9 +79,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a directory of scripts, not a package
-import pretrain  # the training loop, data and model builder this script reuses
+import pretrain  # noqa: E402  (the training loop and its flags, which this script reuses)
+from common import MODEL_SHAPES, build_model, count_parameters  # noqa: E402
+from corpus import load_corpus  # noqa: E402
+from tables import table  # noqa: E402
 
-#: The convergence model. Registered in pretrain's table of shapes, so that its ``train_one``
+#: The convergence model. Registered in common's table of shapes, so that pretrain's ``train_one``
 #: builds it like any other named shape.  The rank is hidden/4, as in the GaLore paper.
 CONV_MODEL = "conv3m"
 
@@ -352,21 +355,23 @@ def best_by_optimizer(rows: list[dict]) -> dict[str, dict]:
     return best
 
 
+def rank_cell(row: dict) -> str:
+    return "-" if row["optimizer"] == "adamw" else str(row["rank"])
+
+
+def versus(row: dict, adamw: dict | None, key: str) -> float:
+    """``row[key]`` over AdamW's (NaN until AdamW has run)."""
+    return row[key] / adamw[key] if adamw else math.nan
+
+
 def comparison_table(rows: list[dict], adamw_best: dict | None) -> str:
-    lines = [
-        "| optimizer | lr | rank | final val loss | / best AdamW | state (MiB) | state / AdamW | step (ms) | train step (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in sorted(rows, key=lambda r: (r["optimizer"] != "adamw", r["optimizer"], r["lr"], r["rank"])):
-        ratio = row["val_loss"] / adamw_best["val_loss"] if adamw_best else math.nan
-        state_ratio = row["state_bytes"] / adamw_best["state_bytes"] if adamw_best else math.nan
-        rank = "-" if row["optimizer"] == "adamw" else str(row["rank"])
-        lines.append(
-            f"| {LABELS[row['optimizer']]} | {row['lr']:g} | {rank} | {row['val_loss']:.4f} | {ratio:.3f} "
-            f"| {row['state_bytes'] / 2**20:.2f} | {state_ratio:.2f} | {row['optimizer_step_ms']:.1f} "
-            f"| {row['train_step_ms']:.1f} |"
-        )
-    return "\n".join(lines)
+    header = ("optimizer", "lr", "rank", "final val loss", "/ best AdamW", "state (MiB)", "state / AdamW", "step (ms)",
+              "train step (ms)")  # fmt: skip
+    cells = [(LABELS[row["optimizer"]], f"{row['lr']:g}", rank_cell(row), f"{row['val_loss']:.4f}",
+              f"{versus(row, adamw_best, 'val_loss'):.3f}", f"{row['state_bytes'] / 2**20:.2f}",
+              f"{versus(row, adamw_best, 'state_bytes'):.2f}", f"{row['optimizer_step_ms']:.1f}", f"{row['train_step_ms']:.1f}")
+             for row in sorted(rows, key=lambda r: (r["optimizer"] != "adamw", r["optimizer"], r["lr"], r["rank"]))]  # fmt: skip
+    return table(header, cells, align="l" + "r" * 8)
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -408,11 +413,9 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def rank_table(rows: list[dict]) -> str:
-    lines = ["| optimizer | rank | final val loss | state (MiB) |", "|---|---:|---:|---:|"]
-    for row in sorted(rows, key=lambda r: (r["optimizer"], r["rank"])):
-        rank = "-" if row["optimizer"] == "adamw" else str(row["rank"])
-        lines.append(f"| {LABELS[row['optimizer']]} | {rank} | {row['val_loss']:.4f} | {row['state_bytes'] / 2**20:.2f} |")
-    return "\n".join(lines)
+    cells = [(LABELS[row["optimizer"]], rank_cell(row), f"{row['val_loss']:.4f}", f"{row['state_bytes'] / 2**20:.2f}")
+             for row in sorted(rows, key=lambda r: (r["optimizer"], r["rank"]))]  # fmt: skip
+    return table(("optimizer", "rank", "final val loss", "state (MiB)"), cells, align="lrrr")
 
 
 def _colors(plt) -> dict[str, object]:
@@ -585,39 +588,31 @@ def projector_verdicts(groups: list[dict]) -> list[str]:
 
 
 def long_table(groups: list[dict], adamw: dict | None) -> str:
-    lines = [
-        ("| optimizer | lr | rank | seeds | final val loss (mean ± std) | min - max | / best AdamW | state (MiB) "
-         "| state / AdamW | train step (ms) |"),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    header = ("optimizer", "lr", "rank", "seeds", "final val loss (mean ± std)", "min - max", "/ best AdamW",
+              "state (MiB)", "state / AdamW", "train step (ms)")  # fmt: skip
     order = sorted(groups, key=lambda g: (g["optimizer"] != "adamw", g["lr"] if g["optimizer"] == "adamw" else g["mean"]))
-    for g in order:
-        ratio = g["mean"] / adamw["mean"] if adamw else math.nan
-        state = g["state_bytes"] / adamw["state_bytes"] if adamw else math.nan
-        rank = "-" if g["optimizer"] == "adamw" else str(g["rank"])
-        lines.append(
-            f"| {long_label(g)} | {g['lr']:g} | {rank} | {len(g['seeds'])} | {g['mean']:.4f} ± {g['std']:.4f} "
-            f"| {g['min']:.4f} - {g['max']:.4f} | {ratio:.3f} | {g['state_bytes'] / 2**20:.3f} | {state:.2f} "
-            f"| {g['train_step_ms']:.1f} |"
-        )
-    return "\n".join(lines)
+    cells = [(long_label(g), f"{g['lr']:g}", rank_cell(g), len(g["seeds"]), f"{g['mean']:.4f} ± {g['std']:.4f}",
+              f"{g['min']:.4f} - {g['max']:.4f}", f"{versus(g, adamw, 'mean'):.3f}", f"{g['state_bytes'] / 2**20:.3f}",
+              f"{versus(g, adamw, 'state_bytes'):.2f}", f"{g['train_step_ms']:.1f}")
+             for g in order]  # fmt: skip
+    return table(header, cells, align="l" + "r" * 9)
 
 
 def lr_check_table(rows: list[dict], first_seed: int) -> str:
     """Each contender's first seed at its lr and at the ladder's neighbours: is its lr the
     best of the three at this horizon, or next to a better one?"""
-    lines = ["| optimizer | lr | lower lr | higher lr | best of the three |", "|---|---:|---:|---:|---|"]
+    cells = []
     for optimizer, projector, lr in LONG_CONTENDERS:
         mine = {r["lr"]: r["val_loss"] for r in rows
                 if r["optimizer"] == optimizer and r["projector"] == projector and r["seed"] == first_seed}  # fmt: skip
         if lr not in mine:
             continue
-        cells = [f"{mine[x]:.4f} ({x:g})" if x in mine else "-" for x in (ladder_step(lr, -1), ladder_step(lr, 1))]
+        neighbours = [f"{mine[x]:.4f} ({x:g})" if x in mine else "-" for x in (ladder_step(lr, -1), ladder_step(lr, 1))]
         best = min(mine, key=mine.get)
         verdict = "this lr" if best == lr else f"**{best:g}** ({mine[best] - mine[lr]:+.4f})"
-        label = long_label({"optimizer": optimizer, "projector": projector})
-        lines.append(f"| {label} | {lr:g}: {mine[lr]:.4f} | {cells[0]} | {cells[1]} | {verdict} |")
-    return "\n".join(lines)
+        cells.append((long_label({"optimizer": optimizer, "projector": projector}), f"{lr:g}: {mine[lr]:.4f}",
+                      *neighbours, verdict))  # fmt: skip
+    return table(("optimizer", "lr", "lower lr", "higher lr", "best of the three"), cells, align="lrrrl")
 
 
 def plot_long(groups: list[dict], settings: dict, path: Path) -> None:
@@ -672,7 +667,7 @@ def report_long(runs: list[Run], results: dict[str, dict], settings: dict, out: 
     groups = seed_groups(rows)
     main_groups = [g for g in groups if "long" in g["sweeps"]]
     adamw = best_adamw(main_groups)
-    parameters = rows[0]["parameters"] if rows else pretrain.count_parameters(pretrain.build_model(settings["model"]))
+    parameters = rows[0]["parameters"] if rows else count_parameters(build_model(settings["model"]))
     tokens = settings["steps"] * settings["batch_size"] * settings["seq_len"]
     settings = {**settings, "parameters": parameters, "tokens": tokens, "tokens_per_parameter": tokens / parameters}
     seeds = sorted({r.seed for r in runs if r.seed is not None})
@@ -702,7 +697,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "over seeds (see the module docstring)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 3 steps per run (long: 4)")
     parser.add_argument("--report-only", action="store_true", help="no training: tables and plots from saved runs")
-    parser.add_argument("--model", default=None, choices=sorted(pretrain.MODEL_SHAPES), help=f"default {CONV_MODEL} (quick, long: tiny)")
+    parser.add_argument("--model", default=None, choices=sorted(MODEL_SHAPES), help=f"default {CONV_MODEL} (quick, long: tiny)")
     parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run (default {FULL['steps']}; long {LONG['steps']})")
     parser.add_argument("--batch-size", type=int, default=None, help=f"sequences per step (default {FULL['batch_size']}; long {LONG['batch_size']})")
     parser.add_argument("--seq-len", type=int, default=None, help=f"bytes per sequence (default {FULL['seq_len']}; long {LONG['seq_len']})")
@@ -758,7 +753,7 @@ def long_settings(args: argparse.Namespace) -> dict:
     settings.update({k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None})
     settings["warmup"] = max(1, round(WARMUP_FRACTION * settings["steps"]))
     settings["eval_every"] = max(1, settings["steps"] // EVAL_POINTS)
-    settings["rank"] = max(1, pretrain.MODEL_SHAPES[settings["model"]].hidden_size // 4)
+    settings["rank"] = max(1, MODEL_SHAPES[settings["model"]].hidden_size // 4)
     return settings
 
 
@@ -778,7 +773,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         settings = dict(QUICK if args.quick else FULL)
         settings.update({k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None})
-        shape = pretrain.MODEL_SHAPES[settings["model"]]
+        shape = MODEL_SHAPES[settings["model"]]
         ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else (QUICK_RANKS if args.quick else RANKS)
         default_rank = min(shape.galore_rank, shape.hidden_size)
         runs = plan(args.sweeps, default_rank, ranks, max_rank=shape.hidden_size)
@@ -790,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     results: dict[str, dict] = {}
     if not args.report_only:
-        corpus = pretrain.load_corpus(settings.get("data"), settings["corpus_bytes"], min_split=settings["seq_len"])
+        corpus = load_corpus(settings.get("data"), settings["corpus_bytes"], min_split=settings["seq_len"])
         print(f"{len(mine)} of {len(runs)} runs on {settings['model']}, corpus {corpus.source}: {len(corpus.train):,} "
               f"train / {len(corpus.validation):,} validation bytes; {torch.get_num_threads()} threads", flush=True)  # fmt: skip
         for i, run in enumerate(mine, 1):

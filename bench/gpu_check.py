@@ -28,12 +28,13 @@ import json
 import os
 import platform
 import runpy
-import statistics
 import subprocess
 import sys
 import time
 import types
 from pathlib import Path
+
+from tables import table  # standard library only, as this module's top: the summary needs no torch
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -108,10 +109,10 @@ def stage_build(out: Path) -> int:
 
 # ---------------------------------------------------------------------------- peers
 def stub_missing(names: tuple[str, ...]) -> list[str]:
-    """Stand-in modules for peers that a script imports but this stage does not use
-    (bench_galore.py imports fira and galore_torch at the top; galore_torch imports
-    bitsandbytes for its 8-bit optimizer only).  Returns what was stubbed: a stage that
-    needs the real package checks ``__gpu_check_stub__``."""
+    """Stand-in modules for peers this machine lacks and a stage does not use (galore_torch
+    imports bitsandbytes for its 8-bit optimizer only; the kernel benchmark only reports
+    galore_torch's version).  Returns what was stubbed: a stage that needs the real package
+    checks ``__gpu_check_stub__``."""
     stubbed = []
     for name in names:
         if importlib.util.find_spec(name) is not None:
@@ -129,7 +130,7 @@ def stub_missing(names: tuple[str, ...]) -> list[str]:
         projector = types.ModuleType("galore_torch.galore_projector")
         projector.GaLoreProjector = None
         sys.modules["galore_torch.galore_projector"] = projector
-        # bench_galore.machine_info reports the peer's version from its metadata.
+        # common.machine_info reports the peer's version from its metadata.
         real_version = importlib.metadata.version
 
         def version(name: str) -> str:
@@ -156,6 +157,7 @@ def stage_step(out: Path, tiny: bool, repeats: int, steady_steps: int) -> int:
     import torch
 
     import lowrank_optim
+    from common import MODELS, llama_stack, median, synchronizer, time_once
 
     try:
         import galore_torch
@@ -164,8 +166,9 @@ def stage_step(out: Path, tiny: bool, repeats: int, steady_steps: int) -> int:
         print(f"galore_torch is not importable ({err}): carry its wheel (GPU_CHECK_WHEELS)", file=sys.stderr)
         return 1
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
-    hidden, inter, rank = (128, 344, 32) if tiny else (2048, 5461, 512)
-    shapes = [(hidden, hidden)] * 4 + [(inter, hidden)] * 2 + [(hidden, inter)]
+    model = "tiny" if tiny else "1b"
+    rank = MODELS[model][2]
+    shapes = llama_stack(model, 1)
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
 
@@ -188,31 +191,21 @@ def stage_step(out: Path, tiny: bool, repeats: int, steady_steps: int) -> int:
         "ours rsvd": lambda gap: lowrank_optim.GaLoreAdamW(group(params(), gap), lr=1e-3, weight_decay=0.0,
                                                            projector="rsvd"),
     }  # fmt: skip
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def timed(fn) -> float:
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - start
-
+    sync = synchronizer(device)
     steady_opts = {k: make(T) for k, make in makers.items()}
     refresh_opts = {k: make(1) for k, make in makers.items()}
     for opt in (*steady_opts.values(), *refresh_opts.values()):
-        timed(opt.step)  # warm-up: the first step refreshes (and allocates the state)
+        time_once(opt.step, sync)  # warm-up: the first step refreshes (and allocates the state)
     samples: dict[str, dict[str, list[float]]] = {k: {"steady": [], "refresh": []} for k in makers}
     for _ in range(repeats):  # round-robin, so a slow moment of the machine hits every contender
         for k in makers:
             opt = steady_opts[k]
-            samples[k]["steady"].append(timed(lambda opt=opt: [opt.step() for _ in range(steady_steps)]) / steady_steps)
-            samples[k]["refresh"].append(timed(refresh_opts[k].step))
+            samples[k]["steady"].append(time_once(lambda opt=opt: [opt.step() for _ in range(steady_steps)], sync)
+                                        / steady_steps)  # fmt: skip
+            samples[k]["refresh"].append(time_once(refresh_opts[k].step, sync))
     results = {}
     for k, s in samples.items():
-        steady, refresh = statistics.median(s["steady"]), statistics.median(s["refresh"])
+        steady, refresh = median(s["steady"]), median(s["refresh"])
         results[k] = {"steady_s": steady, "refresh_s": refresh, "amortized_s": (refresh + (T - 1) * steady) / T}
     peer = results["galore_torch"]
     ratios = {k: {f"{what}_ratio": r[f"{what}_s"] / peer[f"{what}_s"] for what in ("steady", "refresh", "amortized")}
@@ -303,17 +296,14 @@ def section_step(out: Path) -> list[str]:
     d = read_json(out / "step.details.json")
     if not d or "results" not in d:
         return [f"No step results ({(d or {}).get('error', 'see step.log')})."]
-    lines = [(f"{len(d['shapes'])} matrices ({'tiny' if d['tiny'] else 'one LLaMA-1B block'}), r = {d['rank']}, "
-              f"{d['device']}; median of {d['repeats']} rounds; amortized = (refresh + {d['T'] - 1} steady) / {d['T']}."),
-             "", "| optimizer | steady (ms) | refresh (ms) | amortized (ms) | amortized / galore_torch |",
-             "|---|---:|---:|---:|---:|"]  # fmt: skip
-    for k, r in d["results"].items():
-        ratio = d["ratios"].get(k, {}).get("amortized_ratio", 1.0)
-        lines.append(f"| {k} | {1e3 * r['steady_s']:.2f} | {1e3 * r['refresh_s']:.1f} | {1e3 * r['amortized_s']:.2f} "
-                     f"| {ratio:.2f} |")  # fmt: skip
-    lines += ["", (f"- [{'pass' if d['met'] else 'FAIL'}] {d['target']}: "
-                   f"{d['ratios']['ours rsvd']['amortized_ratio']:.2f}")]  # fmt: skip
-    return lines
+    rows = [(k, f"{1e3 * r['steady_s']:.2f}", f"{1e3 * r['refresh_s']:.1f}", f"{1e3 * r['amortized_s']:.2f}",
+             f"{d['ratios'].get(k, {}).get('amortized_ratio', 1.0):.2f}") for k, r in d["results"].items()]  # fmt: skip
+    return [(f"{len(d['shapes'])} matrices ({'tiny' if d['tiny'] else 'one LLaMA-1B block'}), r = {d['rank']}, "
+             f"{d['device']}; median of {d['repeats']} rounds; amortized = (refresh + {d['T'] - 1} steady) / {d['T']}."),
+            "", table(("optimizer", "steady (ms)", "refresh (ms)", "amortized (ms)", "amortized / galore_torch"), rows,
+                      align="lrrrr"),
+            "", (f"- [{'pass' if d['met'] else 'FAIL'}] {d['target']}: "
+                 f"{d['ratios']['ours rsvd']['amortized_ratio']:.2f}")]  # fmt: skip
 
 
 def section_memory(out: Path) -> list[str]:
@@ -321,14 +311,12 @@ def section_memory(out: Path) -> list[str]:
     if not d:
         return ["No memory results (see memory.log)."]
     phases = sorted({p for row in d["optimizers"].values() for p in row["peaks_mib"]})
-    lines = [(f"Model: {d['model']}, rank {d['rank']}, {d['device']}; CUDA allocator peak (MiB) per phase "
-              "(lowrank_optim.memory.measure)."), "",
-             "| optimizer | state (MiB) | " + " | ".join(phases) + " |", "|---|---:|" + "---:|" * len(phases)]  # fmt: skip
-    for name, row in d["optimizers"].items():
-        cells = " | ".join(f"{row['peaks_mib'][p]:.1f}" if p in row["peaks_mib"] else "-" for p in phases)
-        lines.append(f"| {name} | {row['state_mib']:.2f} | {cells} |")
-    lines += [f"- {name}: {err}" for name, err in d["errors"].items()]
-    return lines
+    rows = [(name, f"{row['state_mib']:.2f}", *(f"{row['peaks_mib'][p]:.1f}" if p in row["peaks_mib"] else "-" for p in phases))
+            for name, row in d["optimizers"].items()]  # fmt: skip
+    return [(f"Model: {d['model']}, rank {d['rank']}, {d['device']}; CUDA allocator peak (MiB) per phase "
+             "(lowrank_optim.memory.measure)."), "",
+            table(("optimizer", "state (MiB)", *phases), rows, align="l" + "r" * (1 + len(phases))),
+            *(f"- {name}: {err}" for name, err in d["errors"].items())]  # fmt: skip
 
 
 def stage_summary(out: Path) -> int:
@@ -344,8 +332,7 @@ def stage_summary(out: Path) -> int:
     lines += [(f"- machine: {gpu.get('name', 'no GPU')} (capability {gpu.get('capability', '-')}), "
                f"torch {env.get('torch')} (CUDA {env.get('torch_cuda')}), {env.get('nvcc') or 'no nvcc'}, "
                f"Python {env.get('python')}"),
-              f"- stages took {total:.0f} s in all (time boxes: each stage's `timeout`)", "",
-              "| stage | status | seconds | time box (s) | result |", "|---|---|---:|---:|---|"]  # fmt: skip
+              f"- stages took {total:.0f} s in all (time boxes: each stage's `timeout`)", ""]  # fmt: skip
     notes = {"tests": tests_line(out), "kernels": verdict_count(out)}
     step = details["step"] or {}
     if "ratios" in step:
@@ -362,13 +349,10 @@ def stage_summary(out: Path) -> int:
         notes["build"] = f"`{details['build']['library']}`"
     elif details["build"] and details["build"].get("error"):
         notes["build"] = details["build"]["error"]
-    for s in STAGES:
-        r = records[s]
-        if r is None:
-            lines.append(f"| {s} | not run | - | - | |")
-            continue
-        lines.append(f"| {s} | **{r['status']}** | {r['seconds']:.0f} | {r['timeout_s']} | {notes.get(s, '')} |")
-    lines += ["", "## Kernels (bench/bench_kernels.py)", "", *section_kernels(out),
+    stages = [(s, "not run", "-", "-", "") if r is None else (s, f"**{r['status']}**", f"{r['seconds']:.0f}", r["timeout_s"], notes.get(s, ""))
+              for s, r in records.items()]  # fmt: skip
+    lines += [table(("stage", "status", "seconds", "time box (s)", "result"), stages, align="llrrl"),
+              "", "## Kernels (bench/bench_kernels.py)", "", *section_kernels(out),
               "", "## GaLore step and refresh vs galore_torch", "", *section_step(out),
               "", "## Memory: CUDA peaks per phase", "", *section_memory(out)]  # fmt: skip
     failed = [s for s in STAGES if records[s] and records[s]["status"] != "passed"]

@@ -17,14 +17,15 @@ BENCH = str(Path(__file__).resolve().parents[1] / "bench")
 
 def bench_script(name: str):
     """Import ``bench/<name>.py``.  The path goes in before each import: importing the peer
-    packages (through bench_galore) resets ``sys.path`` in this environment."""
+    packages resets ``sys.path`` in this environment."""
     if BENCH not in sys.path:
         sys.path.insert(0, BENCH)
     return pytest.importorskip(name)
 
 
-compare = bench_script("compare")  # needs galore_torch and fira (bench_galore imports them)
+compare = bench_script("compare")
 convergence = bench_script("convergence")
+common = bench_script("common")
 
 QUICK_COMPARE = [
     "ours GaLoreAdamW svd",
@@ -226,10 +227,10 @@ def test_long_plan_seeds_lrs_and_projectors():
 
 def test_long_settings_reach_15_tokens_per_parameter():
     settings = convergence.long_settings(convergence.parse_args(["--preset", "long"]))
-    parameters = convergence.pretrain.count_parameters(convergence.pretrain.build_model(settings["model"]))
+    parameters = common.count_parameters(common.build_model(settings["model"]))
     assert settings["steps"] * settings["batch_size"] * settings["seq_len"] / parameters >= 15
     assert settings["warmup"] == settings["steps"] // 10  # the papers' 10% warmup
-    assert settings["rank"] * 4 == convergence.pretrain.MODEL_SHAPES[settings["model"]].hidden_size
+    assert settings["rank"] * 4 == common.MODEL_SHAPES[settings["model"]].hidden_size
     gpu = convergence.long_settings(convergence.parse_args(["--preset", "long", "--model", "60m", "--steps", "500"]))
     assert (gpu["warmup"], gpu["rank"]) == (50, 128)
 

@@ -19,7 +19,7 @@ points at the page's own lines.
 
 Also checked here, because they are statements the pages make: the README's sample output
 has the lines bench/pretrain.py prints; the guide's table of ``--model`` shapes is
-bench/pretrain.py's ``MODEL_SHAPES``; and each public optimizer class's docstring (what
+bench/common.py's ``MODEL_SHAPES``; and each public optimizer class's docstring (what
 ``help()`` shows first) carries its update rule, every constructor keyword and its page
 under docs/methods/.
 """
@@ -303,11 +303,12 @@ def test_readme_sample_output_has_the_lines_the_script_prints(pretrain, monkeypa
 
 
 def test_guide_lists_the_model_shapes_of_the_script(pretrain):
+    common = importlib.import_module("common")  # bench/common.py: loading the script put bench/ on the path
     guide = (ROOT / "docs" / "guide.md").read_text(encoding="utf-8")
     section = guide.split("## The pretraining script", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `(\w+)` \|((?: \d+ \|)+)", section, re.MULTILINE)
     shapes = {name: tuple(int(cell) for cell in cells.split("|") if cell.strip()) for name, cells in rows}
-    assert shapes == {name: tuple(shape) for name, shape in pretrain.MODEL_SHAPES.items()}
+    assert shapes == {name: tuple(shape) for name, shape in common.MODEL_SHAPES.items()}
 
 
 # ----------------------------------------------------------------------------- help(OptimizerClass)

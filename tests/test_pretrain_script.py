@@ -15,7 +15,15 @@ import torch
 
 import lowrank_optim
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "pretrain.py"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPT = BENCH / "pretrain.py"
+
+
+def bench_module(name: str):
+    """One of the modules the script is made of (bench/ is a folder of scripts: on the path first)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    return importlib.import_module(name)
 
 
 @pytest.fixture(scope="module")
@@ -85,18 +93,19 @@ def test_state_bytes_counts_nested_projector_state(pretrain):
     assert pretrain.state_bytes(optimizer) == 4 * (2 * 6 + 2 * 8 * 2)
 
 
-def test_corpus_is_deterministic_and_split_at_the_end(pretrain, tmp_path):
-    first = pretrain.load_corpus(max_bytes=50_000)
-    second = pretrain.load_corpus(max_bytes=50_000)
+def test_corpus_is_deterministic_and_split_at_the_end(tmp_path):
+    data = bench_module("corpus")
+    first = data.load_corpus(max_bytes=50_000)
+    second = data.load_corpus(max_bytes=50_000)
     assert torch.equal(first.train, second.train) and torch.equal(first.validation, second.validation)
     assert (len(first.train), len(first.validation)) == (45_000, 5_000)
 
     text = tmp_path / "corpus.txt"
     text.write_bytes(bytes(range(256)) * 4)
-    corpus = pretrain.load_corpus(str(text), max_bytes=1000, min_split=64)
+    corpus = data.load_corpus(str(text), max_bytes=1000, min_split=64)
     assert corpus.train.tolist() + corpus.validation.tolist() == list(text.read_bytes()[:1000])
     with pytest.raises(ValueError, match="too few"):
-        pretrain.load_corpus(str(text), max_bytes=100, min_split=64)
+        data.load_corpus(str(text), max_bytes=100, min_split=64)
 
 
 def test_unknown_optimizer_is_rejected(pretrain):
@@ -166,15 +175,16 @@ def test_bad_values_end_in_one_usage_error(pretrain, capsys, monkeypatch, argv, 
     assert "Traceback" not in err and out == ""
 
 
-def test_every_numeric_flag_is_checked_and_tested(pretrain):
-    numeric = {action.dest for action in pretrain.build_parser()._actions if action.type in (int, float)}
-    assert numeric == set(pretrain.FLAG_CHECKS)
+def test_every_numeric_flag_is_checked_and_tested():
+    flags = bench_module("pretrain_args")
+    numeric = {action.dest for action in flags.build_parser()._actions if action.type in (int, float)}
+    assert numeric == set(flags.FLAG_CHECKS)
     tested = {argv[0] for argv, _ in BAD_ARGS}
     assert {"--" + dest.replace("_", "-") for dest in numeric} <= tested
 
 
-def test_values_at_the_limits_are_accepted(pretrain):
-    args = pretrain.parse_args(
+def test_values_at_the_limits_are_accepted():
+    args = bench_module("pretrain_args").parse_args(
         ["--clip-grad", "0.5", "--warmup", "0", "--eval-every", "0", "--validation-fraction", "0.5",
          "--weight-decay", "0", "--save-every", "0", "--threads", "0", "--seed", "-1", "--device", "cpu",
          "--tokenized", "ids.pt", "--vocab-size", "300", "--opt-arg", "galore_adamw:rank=4,scale=2.0"]
@@ -241,9 +251,10 @@ def test_resume_from_a_directory_takes_the_latest_checkpoint(pretrain, tmp_path)
     run_quiet(pretrain, SHORT + ["--optimizers", "adamw", "--save-dir", str(tmp_path), "--save-every", "3"])
     # every 3 steps and after the last (4th)
     assert sorted(p.name for p in (tmp_path / "adamw").iterdir()) == ["step_0000003.pt", "step_0000004.pt"]
-    assert pretrain.find_checkpoint(str(tmp_path), "adamw").name == "step_0000004.pt"
+    run_state = bench_module("run_state")
+    assert run_state.find_checkpoint(str(tmp_path), "adamw").name == "step_0000004.pt"
     with pytest.raises(FileNotFoundError, match="galore_adamw"):
-        pretrain.find_checkpoint(str(tmp_path), "galore_adamw")
+        run_state.find_checkpoint(str(tmp_path), "galore_adamw")
     adamw_checkpoint = str(tmp_path / "adamw" / "step_0000003.pt")
     with pytest.raises(ValueError, match="a checkpoint of adamw, not of galore_adamw"):
         run_quiet(pretrain, SHORT + ["--optimizers", "galore_adamw", "--resume", adamw_checkpoint])
@@ -258,9 +269,9 @@ def test_grad_accumulation_runs_and_changes_the_result(pretrain):
 def test_grad_accumulation_averages_the_micro_batch_gradients(pretrain):
     """Two micro-batches of 2 give the gradient of one batch of 4 (up to float rounding)."""
     torch.manual_seed(0)
-    model = pretrain.build_model("tiny", 16)
+    model = bench_module("common").build_model("tiny", 16)
     batch = torch.randint(0, 256, (4, 16))
-    pretrain.accumulate_gradients(model, list(batch.split(2)), pretrain.Distributed())
+    pretrain.accumulate_gradients(model, list(batch.split(2)), bench_module("parallel").Distributed())
     accumulated = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     model(input_ids=batch, labels=batch).loss.backward()
@@ -291,10 +302,11 @@ def test_tokenized_dataset_files(pretrain, tmp_path, suffix):
         np.save(path, ids.numpy().astype(np.int32))
     else:
         ids.numpy().astype("<u2").tofile(path)
-    corpus = pretrain.load_tokenized(str(path), 0.1, min_split=64)
+    data = bench_module("corpus")
+    corpus = data.load_tokenized(str(path), 0.1, min_split=64)
     assert corpus.vocab_size == int(ids.max()) + 1
     assert [int(t) for t in corpus.train[:10]] == ids[:10].tolist() and len(corpus.validation) == 500
-    assert pretrain.windows(corpus.train, [3], 5).tolist() == [ids[3:8].tolist()]
+    assert data.windows(corpus.train, [3], 5).tolist() == [ids[3:8].tolist()]
     results = run_quiet(pretrain, SHORT + ["--optimizers", "galore_adamw", "--tokenized", str(path)])
     assert results[0]["parameters"] > 131_904  # a 1000-token vocabulary, not 256 bytes
     assert math.isfinite(results[0]["val_loss"])
@@ -311,7 +323,8 @@ def test_wandb_offline_writes_its_run(pretrain, tmp_path, monkeypatch):
 
 
 def test_opt_args_are_typed_and_bad_keys_list_the_valid_ones(pretrain, capsys):
-    parsed = pretrain.parse_opt_args(
+    flags = bench_module("pretrain_args")
+    parsed = flags.parse_opt_args(
         ["galore_adamw:rank=64,scale=0.25,betas=(0.9,0.95)", "weight_decay=0.1"], ["adamw", "galore_adamw"]
     )
     assert parsed == {
@@ -323,25 +336,26 @@ def test_opt_args_are_typed_and_bad_keys_list_the_valid_ones(pretrain, capsys):
     error = capsys.readouterr().err
     assert "galore_adamw: unknown option 'rnk'" in error and "rank, density, update_proj_gap" in error
     with pytest.raises(ValueError, match="needs 2 values"):
-        pretrain.parse_opt_args(["betas=0.9"], ["adamw"])
+        flags.parse_opt_args(["betas=0.9"], ["adamw"])
     with pytest.raises(ValueError, match="not in --optimizers"):
-        pretrain.parse_opt_args(["fira_adamw:rank=3"], ["adamw"])
+        flags.parse_opt_args(["fira_adamw:rank=3"], ["adamw"])
     # the package's one syntax: the Trainer's tuple spelling works here too
-    assert pretrain.parse_opt_args(["betas=0.8:0.9"], ["adamw"]) == {"adamw": {"betas": (0.8, 0.9)}}
+    assert flags.parse_opt_args(["betas=0.8:0.9"], ["adamw"]) == {"adamw": {"betas": (0.8, 0.9)}}
 
 
-def test_optimizer_names_are_the_package_table(pretrain):
+def test_optimizer_names_are_the_package_table():
     """The profiler's peers and the Trainer's spellings are accepted, and canonicalised."""
-    args = pretrain.parse_args(SHORT + ["--optimizers", "AdamW,lowrank_galore_adamw,galore_adamw_8bit,adamw8bit,sgd"])
+    flags = bench_module("pretrain_args")
+    args = flags.parse_args(SHORT + ["--optimizers", "AdamW,lowrank_galore_adamw,galore_adamw_8bit,adamw8bit,sgd"])
     assert args.optimizers == ["adamw", "galore_adamw", "galore_adamw8bit", "adamw8bit", "sgd"]
-    model = pretrain.build_model("tiny")
-    assert type(pretrain.make_optimizer("adamw8bit", model, args)).__name__ == "AdamW8bit"
-    sgd = pretrain.make_optimizer("sgd", model, args)
+    model = bench_module("common").build_model("tiny")
+    assert type(flags.make_optimizer("adamw8bit", model, args)).__name__ == "AdamW8bit"
+    sgd = flags.make_optimizer("sgd", model, args)
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
 
 
-def test_paper_shapes_include_7b(pretrain):
-    assert pretrain.MODEL_SHAPES["7b"][:4] == (4096, 11008, 32, 32)
+def test_paper_shapes_include_7b():
+    assert bench_module("common").MODEL_SHAPES["7b"][:4] == (4096, 11008, 32, 32)
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
