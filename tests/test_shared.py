@@ -398,15 +398,19 @@ def test_bulk_and_per_parameter_paths_agree(optimizer_case, monkeypatch):
             assert value == fb[key], key
 
 
-BULK_METHODS = [lo.GaLoreAdamW, lo.DCTAdamW, lo.GaLoreAdamW8bit, lo.GaLoreAdafactor, lo.FiraAdamW, lo.FrugalAdamW,
-                lo.ApolloAdamW]
+#: Which classes step the matrices of a projected group together (the bulk path): those that
+#: keep the hooks around the moment rule at their defaults (their own hooks shape the update,
+#: which both paths apply alike); Natural GaLore (its history) and GradNormLoRP (its chain
+#: rule) transform the gradient around the rule, one matrix at a time.
+BULK_PROJECTED = {lo.GaLoreAdamW: True, lo.DCTAdamW: True, lo.GaLoreAdamW8bit: True, lo.GaLoreAdafactor: True,
+                  lo.FiraAdamW: True, lo.FrugalAdamW: True, lo.ApolloAdamW: True,
+                  lo.NaturalGaLoreAdamW: False, lo.GradNormLoRPAdamW: False}
 
 
-@pytest.mark.parametrize("cls", BULK_METHODS)
-def test_methods_without_per_parameter_hooks_step_projected_groups_in_bulk(cls, monkeypatch):
-    """Classes that keep the hooks around the moment rule at their defaults (their own
-    hooks shape the update, which both paths apply alike) step all the matrices of a
-    projected group together; foreach=False steps them one by one."""
+@pytest.mark.parametrize("cls", BULK_PROJECTED, ids=lambda cls: cls.__name__)
+def test_which_methods_step_projected_groups_in_bulk(cls, monkeypatch):
+    """The bulk path takes a projected group's two matrices together (and the dense group's
+    bias) where the class allows it; foreach=False steps every parameter on its own."""
     seen = []
     original = lo.optim.base.LowRankOptimizer._step_many
     monkeypatch.setattr(lo.optim.base.LowRankOptimizer, "_step_many",
@@ -415,23 +419,8 @@ def test_methods_without_per_parameter_hooks_step_projected_groups_in_bulk(cls, 
     opt = cls([{"params": mats, "rank": 3}, {"params": [bias]}])
     fake_grads([*mats, bias], 0)
     opt.step()
-    assert seen == [2, 1]
+    assert seen == ([2, 1] if BULK_PROJECTED[cls] else [1])
     seen.clear()
     opt.foreach = False
     opt.step()
     assert seen == []
-
-
-@pytest.mark.parametrize("cls", [lo.NaturalGaLoreAdamW, lo.GradNormLoRPAdamW])
-def test_methods_with_per_parameter_hooks_step_projected_groups_one_by_one(cls, monkeypatch):
-    """A class that transforms the gradient around the moment rule (Natural GaLore's
-    history, GradNormLoRP's chain rule) steps its projected matrices one by one."""
-    seen = []
-    original = lo.optim.base.LowRankOptimizer._step_many
-    monkeypatch.setattr(lo.optim.base.LowRankOptimizer, "_step_many",
-                        lambda self, params, *a: (seen.append(len(params)), original(self, params, *a))[1])
-    mats, bias = make_params()
-    opt = cls([{"params": mats, "rank": 3}, {"params": [bias]}])
-    fake_grads([*mats, bias], 0)
-    opt.step()
-    assert seen == [1]  # the dense group only
