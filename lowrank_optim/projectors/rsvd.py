@@ -83,8 +83,8 @@ class RandomizedSVDProjector(Projector):
 def fixed_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each singular pair (u_i, v_i) with the sign that makes u_i's largest entry positive."""
     pivot = u.abs().argmax(dim=-2, keepdim=True)
-    signs = torch.sign(torch.gather(u, -2, pivot))
-    signs[signs == 0] = 1
+    # >= 0 maps to +1 (a zero vector keeps its sign); no boolean indexing, so no host sync.
+    signs = torch.where(torch.gather(u, -2, pivot) >= 0, 1.0, -1.0).to(u.dtype)
     return u * signs, vh * signs.transpose(-1, -2)
 
 
