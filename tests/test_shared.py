@@ -399,11 +399,9 @@ def test_bulk_and_per_parameter_paths_agree(optimizer_case, monkeypatch):
 
 
 #: Which classes step the matrices of a projected group together (the bulk path): those that
-#: keep the hooks around the moment rule at their defaults (their own hooks shape the update,
-#: which both paths apply alike); Natural GaLore (its history) and GradNormLoRP (its chain
-#: rule) transform the gradient around the rule, one matrix at a time.
+#: keep every projection hook at its default; a method with hooks steps them one at a time.
 BULK_PROJECTED = {lo.GaLoreAdamW: True, lo.DCTAdamW: True, lo.GaLoreAdamW8bit: True, lo.GaLoreAdafactor: True,
-                  lo.FiraAdamW: True, lo.FrugalAdamW: True, lo.ApolloAdamW: True,
+                  lo.FiraAdamW: False, lo.FrugalAdamW: False, lo.ApolloAdamW: False,
                   lo.NaturalGaLoreAdamW: False, lo.GradNormLoRPAdamW: False}
 
 

@@ -24,10 +24,10 @@ live here and nowhere else; methods override the small hooks, never the loop.
 Two paths run this template.  The bulk path (:meth:`LowRankOptimizer._step_many`) steps
 all the parameters of a group together, the rule's ``update_many`` running one foreach
 kernel per operation for the whole group: every dense group takes it, and the projected
-groups of a class that keeps the hooks around the moment rule at their defaults (GaLore,
-DCT, 8-bit GaLore, Adafactor, Fira, FRUGAL, APOLLO; hooks.PER_PARAMETER_HOOKS).  The
-per-parameter path (:meth:`LowRankOptimizer._step_param`) serves the other methods,
-layer-wise mode, INT8 weights and sharded parameters, and ``foreach=False``.  Both share the projection prologue and :meth:`_apply_update`, so they
+groups of a class that keeps every projection hook at its default (GaLore, DCT, 8-bit
+GaLore, Adafactor).  The per-parameter path (:meth:`LowRankOptimizer._step_param`) serves
+the methods with hooks, layer-wise mode, INT8 weights and sharded parameters, and
+``foreach=False``.  Both share the projection prologue and :meth:`_apply_update`, so they
 round alike (docs/guide.md#the-step-engine-for-contributors).
 
 A sharded (FSDP2) parameter runs the same loop on this rank's rows: the refresh and the

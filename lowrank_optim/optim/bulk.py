@@ -3,8 +3,7 @@
 The moment rule's ``update_many`` runs one foreach kernel per operation for a whole chunk
 of same-device, same-dtype parameters, and the refreshes due at a step are computed in
 batches of same-shaped matrices (``rsvd``).  Every dense group takes this path, and the
-projected groups of a class that keeps the hooks around the moment rule at their defaults
-(``hooks.PER_PARAMETER_HOOKS``; its update hooks run in ``_apply_update`` here too); the
+projected groups of a class that keeps every projection hook at its default; the
 arithmetic is the per-parameter path's (:meth:`~lowrank_optim.optim.base.LowRankOptimizer.
 _step_param`), through the same prologue and ``_apply_update``.
 """
@@ -34,7 +33,7 @@ class BulkStepMixin:
         weight keeps its own gradient and storage hooks."""
         if self.foreach is False or distributed.is_dtensor(p) or is_int8_weight(p) or is_matrix_stack(p, projector):
             return False
-        return projector is None or self._steps_projected_in_bulk()
+        return projector is None or self._template_projection()
 
     def _step_many(self, params: list, group: dict, projector: Projector | None, fresh: dict) -> None:
         """The step of several parameters of one group, the moment rule run once per device

@@ -31,12 +31,12 @@ class ParamStep(NamedTuple):
     layout: distributed.ShardLayout | None = None
 
 
-#: The hooks only the per-parameter path calls (around the moment rule: the gradient's
-#: preparation and transform, the weight's storage); a class that keeps them at their
-#: defaults steps its projected groups in bulk
-#: (:meth:`~lowrank_optim.optim.bulk.BulkStepMixin._step_many`), whose update goes through
-#: the same ``_apply_update`` and so the same update hooks (Fira, APOLLO, FRUGAL).
-PER_PARAMETER_HOOKS = ("prepare_gradient", "transform_low_rank_grad", "open_weight", "close_weight")
+#: The hooks of a projected step; a class that keeps them all at the template's default
+#: steps its projected groups in bulk (:meth:`~lowrank_optim.optim.bulk.BulkStepMixin._step_many`).
+PROJECTION_HOOKS = (
+    "gradient", "prepare_gradient", "transform_low_rank_grad", "full_rank_direction", "factored_update",
+    "materializes_direction", "state_free_update", "open_weight", "close_weight",
+)
 
 
 class MethodHooks:
@@ -109,14 +109,14 @@ class MethodHooks:
         return None
 
     @classmethod
-    def _steps_projected_in_bulk(cls) -> bool:
-        """Whether the class keeps every hook of :data:`PER_PARAMETER_HOOKS` at its default
-        (GaLore, DCT, 8-bit GaLore, Adafactor, Fira, FRUGAL, APOLLO): its projected groups
-        can step all their parameters together."""
-        cached = cls.__dict__.get("_steps_projected_in_bulk_cached")
+    def _template_projection(cls) -> bool:
+        """Whether the class keeps every hook of a projected step at the template's
+        default (GaLore, DCT, 8-bit GaLore, Adafactor): its projected groups can step all
+        their parameters together, and project back straight into the weight."""
+        cached = cls.__dict__.get("_template_projection_cached")
         if cached is None:
-            cached = all(getattr(cls, h) is getattr(MethodHooks, h) for h in PER_PARAMETER_HOOKS)
-            cls._steps_projected_in_bulk_cached = cached
+            cached = all(getattr(cls, h) is getattr(MethodHooks, h) for h in PROJECTION_HOOKS)
+            cls._template_projection_cached = cached
         return cached
 
     # ------------------------------------------------------------------ memory
