@@ -542,3 +542,50 @@ def test_convert_linear_to_int8_bad_inputs():
         convert_linear_to_int8(TinyModel(), group_size=0)
     with pytest.raises(ValueError, match="target_modules"):
         convert_linear_to_int8(TinyModel(), target_modules=("nothing",))
+
+
+def _train_scaled(scaler, steps=5, attach=True, poison_at=None, unscale_first=False):
+    """QGaLoreAdamW8bit on INT8 weights through torch.amp.GradScaler; returns (model, the
+    weights' codes after each step)."""
+    model = _model()
+    opt = QGaLoreAdamW8bit(_groups(model), lr=1e-2, min_8bit_size=16)
+    if attach:
+        opt.attach_grad_scaler(scaler)
+    x, y = _data()
+    codes = []
+    for step in range(steps):
+        opt.zero_grad()
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+        if step == poison_at:
+            model.mlp.weight.float_grad[0, 0] = float("inf")
+        if unscale_first:
+            scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        codes.append(model.mlp.weight.detach().clone())
+    return model, codes
+
+
+def test_grad_scaler_unscales_int8_gradients_and_trains_as_without_it():
+    """scaler.unscale_ sees only .grad; with attach_grad_scaler the step unscales the INT8
+    weights' float gradients too, so a power-of-two scale changes no bit of the training."""
+    plain = _model()
+    opt = QGaLoreAdamW8bit(_groups(plain), lr=1e-2, min_8bit_size=16)
+    _train(plain, opt, 5)
+    scaled, _ = _train_scaled(torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    for (name, p), q in zip(plain.state_dict().items(), scaled.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_grad_scaler_skips_the_step_on_a_non_finite_int8_gradient():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    _, codes = _train_scaled(scaler, steps=3, poison_at=1)
+    assert torch.equal(codes[1], codes[0]) and not torch.equal(codes[2], codes[1])
+    assert scaler.get_scale() == 2.0**9  # the overflow reached scaler.update, which backed off
+
+
+def test_grad_scaler_with_int8_weights_is_refused_where_it_would_leave_them_scaled():
+    with pytest.raises(RuntimeError, match=r"QGaLoreAdamW8bit: .*needs optimizer.attach_grad_scaler\(scaler\)"):
+        _train_scaled(torch.amp.GradScaler("cpu"), attach=False)
+    with pytest.raises(RuntimeError, match=r"scaler.unscale_\(optimizer\) leaves the gradients of INT8 weights"):
+        _train_scaled(torch.amp.GradScaler("cpu"), unscale_first=True)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed
+from ..quant.int8_linear import is_int8_weight
 from .groups import param_names
 
 
@@ -215,27 +216,38 @@ class LayerwiseMixin:
     # ------------------------------------------------------------------ GradScaler
     @property
     def _step_supports_amp_scaling(self) -> bool:
-        # Read by torch.amp.GradScaler.step: in layer-wise mode the gradients are gone by
-        # then, so the scaler must not look for them; the hooks have unscaled them.
-        return self.layerwise
+        # Read by torch.amp.GradScaler.step, which then leaves the unscaling to the step.
+        # In layer-wise mode the gradients are gone by then (the hooks have unscaled them);
+        # INT8 weights keep theirs beside .grad, where the scaler would never unscale them.
+        return self.layerwise or self._keeps_gradients_beside_grad()
+
+    def _keeps_gradients_beside_grad(self) -> bool:
+        """Whether some parameter's gradient is not ``.grad`` (INT8 weights)."""
+        return any(is_int8_weight(p) for group in self.param_groups for p in group["params"])
 
     def attach_grad_scaler(self, scaler: torch.amp.GradScaler) -> None:
-        """Use ``scaler`` (``torch.amp.GradScaler``) in layer-wise mode.
+        """Use ``scaler`` (``torch.amp.GradScaler``) in layer-wise mode, or with INT8 weights.
 
-        Each gradient hook unscales its gradient and checks it for inf/NaN, recording the
-        result where ``scaler.step``/``scaler.update`` read it; a parameter whose gradient
-        is not finite skips its step (one host sync per parameter and step to decide it).
-        Unlike a regular step, parameters whose gradients came earlier in the same backward
-        have already stepped: the skip is per parameter, not for the whole model.
+        Layer-wise: each gradient hook unscales its gradient and checks it for inf/NaN,
+        recording the result where ``scaler.step``/``scaler.update`` read it; a parameter
+        whose gradient is not finite skips its step (one host sync per parameter and step to
+        decide it).  Unlike a regular step, parameters whose gradients came earlier in the
+        same backward have already stepped: the skip is per parameter, not for the whole model.
+
+        INT8 weights (``Int8Linear``, whose float gradient is not ``.grad``, so that
+        ``scaler.unscale_`` would leave it scaled): ``scaler.step(optimizer)`` hands the
+        scale to the step, which unscales every gradient, INT8 ones included, and skips the
+        whole step when one is not finite, as the scaler does (one host sync per step).
         """
-        self._require_layerwise("attach_grad_scaler", ": use scaler.step(optimizer) as with any torch optimizer")
+        if not self._keeps_gradients_beside_grad():
+            self._require_layerwise("attach_grad_scaler", ": use scaler.step(optimizer) as with any torch optimizer")
         if not isinstance(scaler, torch.amp.GradScaler):
             raise ValueError(f"{type(self).__name__}: attach_grad_scaler needs a torch.amp.GradScaler, got {scaler!r}")
         self._grad_scaler = scaler
 
-    def _unscale(self, grad: torch.Tensor) -> bool:
-        """Unscale ``grad`` in place for the attached GradScaler, record a non-finite one
-        in the scaler's bookkeeping for this optimizer; True when ``grad`` is finite."""
+    def _unscale(self, *grads: torch.Tensor) -> bool:
+        """Unscale ``grads`` (on one device) in place for the attached GradScaler, record a
+        non-finite one in the scaler's bookkeeping for this optimizer; True when all are finite."""
         from torch.amp.grad_scaler import OptState
 
         scaler = self._grad_scaler
@@ -247,11 +259,12 @@ class LayerwiseMixin:
                 "use scaler.scale(loss).backward()"
             )
         record = scaler._per_optimizer_states[id(self)]
-        inv_scale = scaler._scale.double().reciprocal().float().to(grad.device)
-        found = torch.zeros(1, dtype=torch.float32, device=grad.device)
-        torch._amp_foreach_non_finite_check_and_unscale_([grad], found, inv_scale)
+        device = grads[0].device
+        inv_scale = scaler._scale.double().reciprocal().float().to(device)
+        found = torch.zeros((), dtype=torch.float32, device=device)  # as GradScaler keeps its own
+        torch._amp_foreach_non_finite_check_and_unscale_(list(grads), found, inv_scale)
         seen = record["found_inf_per_device"]
-        seen[grad.device] = seen[grad.device].add_(found) if grad.device in seen else found
+        seen[device] = seen[device].add_(found) if device in seen else found
         record["stage"] = OptState.UNSCALED  # scaler.step must not unscale (nothing is left to)
         return not bool(found)
 
