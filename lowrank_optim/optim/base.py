@@ -126,7 +126,7 @@ class LowRankOptimizer(LayerwiseMixin, BulkStepMixin, GroupValidationMixin, Chec
         self._warned: set[int] = set()
         self._positions: dict[int, tuple[int, int]] | None = None
         self._init_layerwise_runtime()
-        self._plans: list | None = None  # per group: (configuration, projector), see _projector
+        self._plans: list | None = None  # per group: (configuration, projector, path), see _projector
         # The parameters the groups held when last checked (see _follow_swapped_params).
         self._param_ids = self._current_param_ids() if hasattr(self, "param_groups") else ()
 
@@ -219,9 +219,7 @@ class LowRankOptimizer(LayerwiseMixin, BulkStepMixin, GroupValidationMixin, Chec
                 projector = self._projector(index)
                 params = [p for p in group["params"] if self.gradient(p) is not None]
                 fresh = self._batched_bases(params, group, projector)
-                bulk, single = [], []
-                for p in params:
-                    (bulk if self._steps_in_bulk(p, projector) else single).append(p)
+                bulk, single = self._partition(index, params, projector)
                 if bulk:
                     self._step_many(bulk, group, projector, fresh)
                 for p in single:
@@ -259,9 +257,9 @@ class LowRankOptimizer(LayerwiseMixin, BulkStepMixin, GroupValidationMixin, Chec
         key = projector_key(group)
         plans = self._plans
         if plans is None or len(plans) != len(self.param_groups):
-            plans = self._plans = [(None, None)] * len(self.param_groups)
+            plans = self._plans = [(None, None, {})] * len(self.param_groups)
         if plans[index][0] != key:
-            plans[index] = (key, make_projector(group))
+            plans[index] = (key, make_projector(group), {})
         projector = plans[index][1]
         if projector is not None:
             projector.clock = group.get(CLOCK, 0)
@@ -369,8 +367,8 @@ class LowRankOptimizer(LayerwiseMixin, BulkStepMixin, GroupValidationMixin, Chec
             p.add_(update.direction().to(p.dtype), alpha=-update.step_size)
         else:
             # The basis has the gradient's dtype; fp32 rules (8-bit, Adafactor, fp16) cast down.
-            low_direction = update.direction().to(grad.dtype)
-            step = ParamStep(p, grad, low.to(grad.dtype), low_direction, state, group, projector, layout)
+            low_direction = _in_dtype(update.direction(), grad.dtype)
+            step = ParamStep(p, grad, _in_dtype(low, grad.dtype), low_direction, state, group, projector, layout)
             if into_weight:
                 # No m x n direction: W <- beta W - step_size scale (back(N') + c G), the
                 # product straight into the weight and the G term one fused pass.
@@ -480,3 +478,9 @@ class LowRankOptimizer(LayerwiseMixin, BulkStepMixin, GroupValidationMixin, Chec
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(f"{type(self).__name__}: parameter of shape {tuple(p.shape)}: {message}", RuntimeWarning)
+
+
+def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the dispatcher round trip when it is one already: the bulk path
+    of many small matrices calls this twice per matrix and step."""
+    return t if t.dtype == dtype else t.to(dtype)

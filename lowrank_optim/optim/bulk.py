@@ -26,6 +26,20 @@ BULK_CHUNK_ELEMENTS = 1 << 22
 class BulkStepMixin:
     """Stepping many parameters of a group at once (mixed into LowRankOptimizer)."""
 
+    def _partition(self, index: int, params: list, projector: Projector | None) -> tuple[list, list]:
+        """(bulk, one by one): group ``index``'s ``params`` split by :meth:`_steps_in_bulk`,
+        decided once per parameter in the group's plan (rebuilt with it; see ``_projector``):
+        the checks are Python per parameter, a tenth of the step of 96 small matrices."""
+        decided = self._plans[index][2]
+        bulk, single = [], []
+        for p in params:
+            key = (id(p), self.foreach)
+            in_bulk = decided.get(key)
+            if in_bulk is None:
+                in_bulk = decided[key] = self._steps_in_bulk(p, projector)
+            (bulk if in_bulk else single).append(p)
+        return bulk, single
+
     def _steps_in_bulk(self, p: torch.Tensor, projector: Projector | None) -> bool:
         """Whether ``p`` takes the bulk path (:meth:`_step_many`): a plain tensor (a sharded
         one steps on its rows, per parameter) in a dense group (every method's dense groups
