@@ -99,3 +99,23 @@ def test_an_int4_checkpoint_without_its_inner_projector_resumes_with_the_exact_s
                                 min_8bit_size=16)
     with pytest.raises(ValueError, match="projector_args="):  # another INT4 group size: another state
         other.load_state_dict(saved)
+
+
+def test_a_pickled_int4_optimizer_from_before_the_rsvd_default_keeps_the_exact_svd():
+    """torch.save(optimizer) of an older release: its group has projector_args=None, read as
+    it was meant then (inner "svd"), as load_state_dict reads a state dict."""
+    import io
+
+    import lowrank_optim as lo
+
+    mats, bias = make_params()
+    opt = lo.QGaLoreAdamW8bit([{"params": mats, "rank": 2}, {"params": [bias]}], min_8bit_size=16)
+    fake_grads([*mats, bias], 0)
+    opt.step()
+    opt.param_groups[0]["projector_args"] = None  # as the older release pickled it
+    buffer = io.BytesIO()
+    torch.save(opt, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    assert restored.param_groups[0]["projector_args"] == {"inner": "svd"}
+    assert restored.param_groups[1]["projector_args"] is None  # a dense group has no projector options

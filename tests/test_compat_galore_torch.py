@@ -267,3 +267,18 @@ def test_8bit_moves_what_galore_torch_with_bitsandbytes_050_never_moves(galore_t
     assert torch.equal(b[0], start) and not zero_b.any()
     assert not torch.equal(a[0], start) and zero_a.all()
     assert ours.state[a[0]]["exp_avg"].dtype == torch.float32
+
+
+def test_a_checkpoint_of_our_galore_adamw_cannot_bring_its_arithmetic_in():
+    """Both classes are named GaLoreAdamW; the compat class's pinned values are checked on
+    load as at construction, so our eps_style="torch" checkpoint is refused."""
+    import lowrank_optim
+
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    ours = lowrank_optim.GaLoreAdamW([{"params": [p], "rank": 2, "update_proj_gap": 2, "scale": 0.25,
+                                       "proj_type": "std"}])
+    p.grad = torch.randn_like(p)
+    ours.step()
+    twin = compat.GaLoreAdamW([{"params": [p], "rank": 2, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"}])
+    with pytest.raises(ValueError, match=r"eps_style='torch' in param group 0 is not supported.*loading a checkpoint"):
+        twin.load_state_dict(ours.state_dict())

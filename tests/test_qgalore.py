@@ -589,3 +589,24 @@ def test_grad_scaler_with_int8_weights_is_refused_where_it_would_leave_them_scal
         _train_scaled(torch.amp.GradScaler("cpu"), attach=False)
     with pytest.raises(RuntimeError, match=r"scaler.unscale_\(optimizer\) leaves the gradients of INT8 weights"):
         _train_scaled(torch.amp.GradScaler("cpu"), unscale_first=True)
+
+
+def test_grad_scaler_other_than_the_attached_one_is_refused_and_leaves_the_optimizer_usable():
+    """Its scale and its overflow bookkeeping are not the attached scaler's; and a refused
+    scaler.step must not leave torch's grad_scale/found_inf on the optimizer for the next step."""
+    model = _model()
+    opt = QGaLoreAdamW8bit(_groups(model), lr=1e-2, min_8bit_size=16)
+    attached, other = torch.amp.GradScaler("cpu", init_scale=4.0), torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    opt.attach_grad_scaler(attached)
+    x, y = _data()
+    attached.scale(torch.ones(()))  # the attached scaler has a scale, just not the one in use
+    other.scale(nn.functional.mse_loss(model(x), y)).backward()
+    before = model.mlp.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="called by a GradScaler other than the attached one"):
+        other.step(opt)
+    assert torch.equal(model.mlp.weight, before)  # refused before anything stepped
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()  # a plain step afterwards works
+    assert not torch.equal(model.mlp.weight, before)

@@ -191,6 +191,11 @@ def test_copied_optimizer_steps_like_the_original(optimizer_case, how):
     for p, q in zip(all_params(opt), all_params(twin)):
         assert torch.equal(p, q)
     assert_same_state(opt, twin)
+    # and the copy's checkpoint loads into a fresh optimizer (torch's __setstate__ adds a
+    # "differentiable" default, which is no option of ours and must not reach the groups)
+    fresh = build(*make_params())
+    fresh.load_state_dict(twin.state_dict())
+    assert [sorted(g) for g in fresh.param_groups] == [sorted(g) for g in opt.param_groups]
 
 
 def float_state(opt, p):

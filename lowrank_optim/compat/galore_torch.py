@@ -101,15 +101,8 @@ class _GaLoreTorchGroups:
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         name, where = type(self).__name__, f"param group {len(self.param_groups)}"
         param_group = dict(param_group)  # torch fills defaults into the dict it is given
-        for key, value in self.pinned_group_values(param_group).items():
-            if key in param_group and param_group[key] != value:
-                raise _refuse(
-                    name, key, param_group[key],
-                    f"this class follows galore_torch's arithmetic, which is {key}={value!r} here; use "
-                    f"lowrank_optim.{name} to choose {key}",
-                    where,
-                )
-            param_group[key] = value
+        self._refuse_unpinned(param_group, where)
+        param_group.update(self.pinned_group_values(param_group))
         # galore_torch's basis is the exact SVD's (ours defaults to the randomized one); a
         # group may still name another projector, which galore_torch does not have.
         param_group.setdefault("projector", "svd")
@@ -123,6 +116,23 @@ class _GaLoreTorchGroups:
                     "update_proj_gap=200, scale=0.25, proj_type='std')"
                 )
         super().add_param_group(param_group)
+
+    def _validate_group(self, group: dict[str, Any], index: int) -> None:
+        # Here too, so that a checkpoint (load_state_dict validates its groups here) cannot
+        # bring in our arithmetic, e.g. lowrank_optim.GaLoreAdamW's eps_style="torch".
+        super()._validate_group(group, index)
+        self._refuse_unpinned(group, f"param group {index}")
+
+    def _refuse_unpinned(self, group: dict[str, Any], where: str) -> None:
+        name = type(self).__name__
+        for key, value in self.pinned_group_values(group).items():
+            if key in group and group[key] != value:
+                raise _refuse(
+                    name, key, group[key],
+                    f"this class follows galore_torch's arithmetic, which is {key}={value!r} here; use "
+                    f"lowrank_optim.{name} to choose {key}",
+                    where,
+                )
 
     def materializes_direction(self, group: dict, projector: Projector) -> bool:
         # galore_torch forms scale * project_back(N) at full size and then adds it to the

@@ -194,23 +194,8 @@ class LowRankOptimizer(LayerwiseMixin, BulkStepMixin, GroupValidationMixin, Chec
             with torch.enable_grad():
                 loss = closure()
         self._follow_swapped_params()
-        if self.layerwise and getattr(self, "grad_scale", None) is not None and self._grad_scaler is None:
-            # torch.amp.GradScaler.step() sets grad_scale before calling us: the hooks have
-            # just stepped on scaled gradients and it would find no inf checks to act on.
-            raise RuntimeError(
-                f"{type(self).__name__}: layerwise=True with torch.amp.GradScaler needs "
-                "optimizer.attach_grad_scaler(scaler) before the first backward, so that each gradient hook "
-                "unscales its gradient and skips a non-finite one (docs/guide.md)"
-            )
-        if not self.layerwise and getattr(self, "found_inf", None) is not None:  # from GradScaler.step
-            if getattr(self, "grad_scale", None) is None:
-                raise RuntimeError(
-                    f"{type(self).__name__}: scaler.unscale_(optimizer) leaves the gradients of INT8 weights "
-                    "scaled (they are not .grad); with INT8 weights call scaler.step(optimizer) without "
-                    "unscale_, which lets the step unscale every gradient (docs/guide.md)"
-                )
-            if not self._unscaled_for_step():
-                return loss  # a gradient is not finite: skip the step, as torch.amp.GradScaler does
+        if not self._accept_grad_scale():
+            return loss  # a gradient is not finite: skip the step, as torch.amp.GradScaler does
         # In layer-wise mode the gradient hooks step the parameters; a gradient that no hook
         # saw (assigned by hand, or the zeros torch.distributed.checkpoint steps on to create
         # the state it loads into) steps here, unless a window of backward passes is open.
@@ -229,25 +214,6 @@ class LowRankOptimizer(LayerwiseMixin, BulkStepMixin, GroupValidationMixin, Chec
             # whichever of them had a gradient; saved with the param groups.
             group[CLOCK] = group.get(CLOCK, 0) + 1
         return loss
-
-    def _unscaled_for_step(self) -> bool:
-        """With INT8 weights, torch.amp.GradScaler.step hands the step its scale (see
-        ``_step_supports_amp_scaling``): unscale every gradient, the INT8 weights' too, and
-        tell whether all are finite (recorded for ``scaler.update``)."""
-        if self._grad_scaler is None:
-            raise RuntimeError(
-                f"{type(self).__name__}: torch.amp.GradScaler with INT8 weights needs "
-                "optimizer.attach_grad_scaler(scaler) before the first step: their gradients are not .grad, "
-                "so scaler.unscale_ would leave them scaled (docs/guide.md)"
-            )
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                grad = self.gradient(p)
-                if grad is not None:
-                    by_device.setdefault(grad.device, []).append(grad)
-        finite = [self._unscale(*grads) for grads in by_device.values()]
-        return all(finite)
 
     # ------------------------------------------------------------------ plans
     def _projector(self, index: int) -> Projector | None:

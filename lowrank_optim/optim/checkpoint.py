@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..projectors import REGISTRY, Projector, make_projector
+from ..projectors import REGISTRY, Projector, is_projected, make_projector
 from .groups import BOOKKEEPING_KEYS, LAYOUT_KEYS, LOOP_DEFAULTS, is_matrix_stack, param_names
 
 #: The top-level key of ``state_dict()`` naming the class that saved it.
@@ -29,10 +29,17 @@ class CheckpointMixin:
     def __setstate__(self, state: dict) -> None:
         loop = {key: state.pop(key) for key in LOOP_DEFAULTS if key in state}
         super().__setstate__(state)
-        # Checkpoints pickled by an older release lack newer options: fill their defaults.
+        # torch's __setstate__ adds defaults["differentiable"], which is no option of ours
+        # (the constructor takes only False and keeps nothing): it must not reach the groups.
+        if "differentiable" not in type(self).hyperparameter_defaults():
+            self.defaults.pop("differentiable", None)
+        # Checkpoints pickled by an older release lack newer options: fill their defaults,
+        # and read their projector options as they were meant then (Projector.saved_options).
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+            if is_projected(group) and group["projector"] in REGISTRY:
+                group["projector_args"] = REGISTRY[group["projector"]].saved_options(group.get("projector_args"))
         if hasattr(self, "_hooks"):  # load_state_dict on a live optimizer: nothing else to restore
             return
         for key, default in LOOP_DEFAULTS.items():
@@ -128,7 +135,7 @@ class CheckpointMixin:
                 f"{owner}: {where} has {len(saved['params'])} parameters, this optimizer's {len(group['params'])}"
             )
         loaded = {**self.defaults, **saved, "params": group["params"]}
-        if loaded["projector"] in REGISTRY:  # an unknown one is refused by the validation below
+        if is_projected(loaded) and loaded["projector"] in REGISTRY:  # an unknown one is refused below
             loaded["projector_args"] = REGISTRY[loaded["projector"]].saved_options(loaded.get("projector_args"))
         if "param_names" in group and "param_names" not in saved:
             loaded["param_names"] = group["param_names"]

@@ -245,9 +245,66 @@ class LayerwiseMixin:
             raise ValueError(f"{type(self).__name__}: attach_grad_scaler needs a torch.amp.GradScaler, got {scaler!r}")
         self._grad_scaler = scaler
 
-    def _unscale(self, *grads: torch.Tensor) -> bool:
-        """Unscale ``grads`` (on one device) in place for the attached GradScaler, record a
-        non-finite one in the scaler's bookkeeping for this optimizer; True when all are finite."""
+    def _accept_grad_scale(self) -> bool:
+        """Act on what ``torch.amp.GradScaler.step`` handed this step (``grad_scale`` and
+        ``found_inf``, set when ``_step_supports_amp_scaling``); False: skip the step.
+
+        Layer-wise, the hooks have unscaled and stepped already: only a scaler that was never
+        attached is refused (its first backward has stepped on scaled gradients).  With INT8
+        weights the step unscales every gradient by the scale it was handed, the INT8
+        weights' too, and skips on a non-finite one (recorded for ``scaler.update``).
+        Refused before anything is stepped: no attached scaler, another scaler than the
+        attached one (its overflows would reach the wrong ``update``), and
+        ``scaler.unscale_`` first (it leaves the INT8 gradients scaled).
+        """
+        if getattr(self, "found_inf", None) is None:  # no scaler, or one that unscaled .grad itself
+            return True
+        owner, handed = type(self).__name__, getattr(self, "grad_scale", None)
+        try:
+            if self.layerwise:
+                if handed is not None and self._grad_scaler is None:
+                    raise RuntimeError(
+                        f"{owner}: layerwise=True with torch.amp.GradScaler needs optimizer.attach_grad_scaler(scaler) "
+                        "before the first backward, so that each gradient hook unscales its gradient and skips a "
+                        "non-finite one (docs/guide.md)"
+                    )
+                return True
+            if handed is None:
+                raise RuntimeError(
+                    f"{owner}: scaler.unscale_(optimizer) leaves the gradients of INT8 weights scaled (they are not "
+                    ".grad); with INT8 weights call scaler.step(optimizer) without unscale_, which lets the step "
+                    "unscale every gradient (docs/guide.md)"
+                )
+            if self._grad_scaler is None:
+                raise RuntimeError(
+                    f"{owner}: torch.amp.GradScaler with INT8 weights needs optimizer.attach_grad_scaler(scaler) "
+                    "before the first step: their gradients are not .grad, so scaler.unscale_ would leave them "
+                    "scaled (docs/guide.md)"
+                )
+            attached = self._grad_scaler._scale
+            if attached is None or not torch.equal(attached.to(handed.device), handed):
+                raise RuntimeError(
+                    f"{owner}: scaler.step(optimizer) was called by a GradScaler other than the attached one; "
+                    "attach the scaler that steps it (optimizer.attach_grad_scaler(scaler))"
+                )
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for group in self.param_groups:
+                for p in group["params"]:
+                    grad = self.gradient(p)
+                    if grad is not None:
+                        by_device.setdefault(grad.device, []).append(grad)
+            return all([self._unscale(*grads, scale=handed) for grads in by_device.values()])
+        except RuntimeError:
+            # torch deletes these after a step that returns; a refused one must not leave
+            # them to the next step (which would multiply the next scale by them).
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
+
+    def _unscale(self, *grads: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
+        """Unscale ``grads`` (on one device) in place by ``scale`` (default: the attached
+        GradScaler's), record a non-finite one in the scaler's bookkeeping for this
+        optimizer; True when all are finite."""
         from torch.amp.grad_scaler import OptState
 
         scaler = self._grad_scaler
@@ -260,7 +317,7 @@ class LayerwiseMixin:
             )
         record = scaler._per_optimizer_states[id(self)]
         device = grads[0].device
-        inv_scale = scaler._scale.double().reciprocal().float().to(device)
+        inv_scale = (scaler._scale if scale is None else scale).double().reciprocal().float().to(device)
         found = torch.zeros((), dtype=torch.float32, device=device)  # as GradScaler keeps its own
         torch._amp_foreach_non_finite_check_and_unscale_(list(grads), found, inv_scale)
         seen = record["found_inf_per_device"]
