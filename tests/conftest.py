@@ -50,6 +50,18 @@ def fake_grads(params, step, seed=123):
         p.grad = g.to(device=p.device, dtype=p.dtype)
 
 
+def mse_losses(model, opt, x, y, steps: int) -> list[float]:
+    """Full-batch training on mean squared error: the loss before each of ``steps`` steps."""
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def assert_factored_equals_formed(build_factored, build_formed, seed: int, norm_rtol: float) -> None:
     """Train the optimizer whose update stays factored and its twin that forms the full-size
     direction for 8 steps, with a gradient spike at step 5 (the norm-growth limiter acts):

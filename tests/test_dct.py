@@ -11,7 +11,7 @@ import torch
 
 import lowrank_optim as lo
 import lowrank_optim.projectors.dct as dct  # registers "dct" (explicit until the package imports it)
-from conftest import assert_same_state, fake_grads, make_params
+from conftest import assert_same_state, fake_grads, make_params, mse_losses
 from lowrank_optim.optim.dct import DCTAdamW
 from lowrank_optim.projectors.base import LEFT, RIGHT, RefreshFailed
 from lowrank_optim.projectors.transition import IndexMap
@@ -284,13 +284,7 @@ def test_trains_a_small_model(name):
     others = [model[0].bias, model[2].bias]
     opt = build([{"params": weights, "rank": 6, "update_proj_gap": 10}, {"params": others}])
     x, y = teacher_problem()
-    losses = []
-    for _ in range(150):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = mse_losses(model, opt, x, y, 150)
     assert losses[-1] < target * losses[0], (losses[0], losses[-1])
 
 

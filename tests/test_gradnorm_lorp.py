@@ -13,7 +13,7 @@ import torch
 
 from lowrank_optim.optim.gradnorm_lorp import GradNormLoRPAdamW, GradNormLoRPAdamW8bit
 from lowrank_optim.projectors import make_projector
-from conftest import SHAPES, fake_grads, groups, make_params
+from conftest import SHAPES, fake_grads, groups, make_params, mse_losses
 
 #: The 8-bit class needs bitsandbytes (an optional dependency); the rest runs without it.
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
@@ -363,13 +363,7 @@ def test_small_model_trains(cls, kw):
     projected = [model[0].weight, model[2].weight]
     dense = [p for p in model.parameters() if all(p is not q for q in projected)]
     opt = cls([{"params": projected, "rank": 4, "update_proj_gap": 20}, {"params": dense}], lr=1e-2, **kw)
-    losses = []
-    for _ in range(150):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = mse_losses(model, opt, x, y, 150)
     assert losses[-1] < 0.5 * losses[0]
     for p in projected:
         norms = p.detach().norm(dim=1, keepdim=True)

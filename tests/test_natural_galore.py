@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lowrank_optim.optim.natural_galore import NaturalGaLoreAdamW, inverse_fisher_product
-from conftest import REFERENCE_SHAPES, twin_params
+from conftest import REFERENCE_SHAPES, mse_losses, twin_params
 
 SHAPES = REFERENCE_SHAPES[:2]  # (37, 20): right-projected, (12, 29): left-projected
 
@@ -237,13 +237,7 @@ def test_training_a_small_model_lowers_the_loss(history_on_refresh):
         [{"params": matrices, "rank": 4, "update_proj_gap": 10}, {"params": others}],
         lr=3e-2, scale=1.0, weight_decay=0.0, history_on_refresh=history_on_refresh,
     )
-    losses = []
-    for _ in range(60):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = mse_losses(model, opt, x, y, 60)
     assert all(torch.isfinite(torch.tensor(losses)))
     # Full-batch gradients change little from step to step, so the empirical Fisher mostly
     # damps the gradient's own direction: slower than GaLore here (3.4 vs 0.2 after 60 steps at lr 1e-2),

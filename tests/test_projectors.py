@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lowrank_optim as lo
+from conftest import mse_losses
 from lowrank_optim.projectors import REGISTRY, randomized_svd
 from lowrank_optim.projectors.base import LEFT, RIGHT, choose_side
 
@@ -71,13 +72,7 @@ def test_rsvd_trains_as_well_as_the_exact_svd_with_frequent_refreshes():
         others = [p for p in model.parameters() if all(p is not q for q in matrices)]
         opt = lo.GaLoreAdamW([{"params": matrices, "rank": 4, "update_proj_gap": 3, "projector": projector},
                               {"params": others}], lr=1e-2)
-        losses = []
-        for _ in range(40):
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        losses = mse_losses(model, opt, x, y, 40)
         ratios[projector] = losses[-1] / losses[0]
     assert ratios["rsvd"] <= 1.1 * ratios["svd"], ratios
 
