@@ -50,6 +50,12 @@ def fake_grads(params, step, seed=123):
         p.grad = g.to(device=p.device, dtype=p.dtype)
 
 
+#: The tests that spawn two gloo processes.
+needs_gloo = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
+)
+
+
 def mse_losses(model, opt, x, y, steps: int) -> list[float]:
     """Full-batch training on mean squared error: the loss before each of ``steps`` steps."""
     losses = []

@@ -14,10 +14,9 @@ import pytest
 import torch
 
 import _distributed_worker as worker
+from conftest import needs_gloo
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
-)
+pytestmark = needs_gloo
 
 WORLD = 2
 

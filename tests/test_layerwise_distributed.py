@@ -9,13 +9,11 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 
 import _layerwise_distributed_worker as worker
+from conftest import needs_gloo
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
-)
+pytestmark = needs_gloo
 
 WORLD = 2
 

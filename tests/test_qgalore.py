@@ -10,7 +10,7 @@ from torch import nn
 import _distributed_worker as distributed_worker
 import _int8_ddp_worker as int8_ddp
 import lowrank_optim.ops  # noqa: F401  (registers torch.ops.lowrank_optim)
-from conftest import assert_same_state
+from conftest import assert_same_state, needs_gloo
 from lowrank_optim.optim.qgalore import QGaLoreAdamW8bit
 from lowrank_optim.projectors.quantized import QuantizedProjector
 from lowrank_optim.quant import (
@@ -453,9 +453,6 @@ def ddp_record(tmp_path_factory):
     return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
 
 
-needs_gloo = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
-)
 
 
 @needs_gloo

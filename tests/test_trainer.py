@@ -11,6 +11,7 @@ from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, Traine
 
 import lowrank_optim as lo  # noqa: E402
 from lowrank_optim.integrations import transformers as integ  # noqa: E402
+from conftest import needs_gloo  # noqa: E402
 
 NAMES = integ.register()
 
@@ -338,7 +339,7 @@ def test_layerwise_trainer_clips_per_parameter_and_refuses_fp16(tmp_path):
         integ.parse_optim_args("galore_adamw", "rank=4,layerwise=true")
 
 
-@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
+@needs_gloo
 def test_layerwise_trainer_under_ddp_equals_the_regular_one(tmp_path):
     """Two gloo processes, the Trainer wrapping the model in DDP itself: the layer-wise
     optimizer attaches to it at its first forward and steps after each all-reduce; with
