@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import lowrank_optim as lo
-from conftest import assert_factored_equals_formed, fake_grads, make_params, twin_params
+from conftest import assert_factored_equals_formed, fake_grads, make_params, mse_losses, twin_params
 from lowrank_optim import memory
+from lowrank_optim.projectors import REGISTRY
+from lowrank_optim.projectors.random import BF16_SKETCH_MIN_RANK
 
 apollo_torch = pytest.importorskip("apollo_torch")
 
@@ -163,3 +165,123 @@ def test_layerwise_apollo_equals_a_regular_step():
             o.zero_grad()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+# ---------------------------------------------------------------------------- sketch precision
+
+
+def sketch_of(rank, sketch_dtype, shape=(24, 48), keep=False):
+    """A gaussian projector's state after its first refresh, and the projector."""
+    projector = REGISTRY["gaussian"](rank, "std", 5, sketch_dtype=sketch_dtype, keep=keep)
+    pstate = projector.init_state(torch.Size(shape), seed=3)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    projector.refresh(grad, pstate)
+    return projector, pstate, grad
+
+
+def test_bf16_sketch_multiplies_bf16_operands_and_returns_the_gradients_dtype():
+    projector, pstate, grad = sketch_of(4, "bfloat16")
+    basis, _ = projector.bases(pstate, grad.bfloat16())
+    assert basis.dtype == torch.bfloat16
+    low = projector.project(grad, pstate)
+    assert low.dtype == torch.float32
+    assert torch.equal(low, (basis.t() @ grad.bfloat16()).float())
+    exact = REGISTRY["gaussian"](4, "std", 5, sketch_dtype="gradient").project(grad, pstate)
+    assert not torch.equal(low, exact)  # rounded operands ...
+    assert torch.allclose(low, exact, rtol=0.05, atol=0.05 * exact.abs().mean().item())  # ... of the same sketch
+
+
+def test_auto_sketch_is_bf16_from_the_documented_rank_and_exact_below():
+    for rank, bf16 in ((BF16_SKETCH_MIN_RANK - 1, False), (BF16_SKETCH_MIN_RANK, True)):
+        auto, pstate, grad = sketch_of(rank, "auto")
+        chosen = REGISTRY["gaussian"](rank, "std", 5, sketch_dtype="bfloat16" if bf16 else "gradient")
+        assert torch.equal(auto.project(grad, pstate), chosen.project(grad, pstate))
+        assert auto.sketch_dtype_for(rank, torch.float32) == (torch.bfloat16 if bf16 else torch.float32)
+    assert auto.sketch_dtype_for(BF16_SKETCH_MIN_RANK, torch.float16) == torch.float16  # never widened or swapped
+
+
+def test_back_projection_uses_the_same_rounded_basis():
+    """GaLore on a bf16 sketch: down and up use one basis (rounded to bf16), whatever the
+    dtype the product runs in."""
+    projector, pstate, grad = sketch_of(4, "bfloat16")
+    fp32_basis, _ = projector.bases(pstate, grad)
+    assert fp32_basis.dtype == torch.float32
+    assert torch.equal(fp32_basis, fp32_basis.bfloat16().float())
+
+
+def test_a_kept_bf16_sketch_is_stored_in_bf16_and_counted_so():
+    mats = [torch.nn.Parameter(torch.randn(40, 24)), torch.nn.Parameter(torch.randn(20, 48))]
+    runs = {}
+    for keep in (False, True):
+        params = [torch.nn.Parameter(p.detach().clone()) for p in mats]
+        opt = lo.ApolloAdamW([{"params": params, "rank": 16, "update_proj_gap": 2, "projector_args": {"keep": keep}}], lr=1e-2)
+        for step in range(5):  # refreshes at 0, 2, 4
+            fake_grads(params, step)
+            opt.step()
+        runs[keep] = (params, opt)
+    for p, q in zip(runs[False][0], runs[True][0]):
+        assert torch.equal(p, q)  # drawn each step or kept: the same rounded basis
+    params, opt = runs[True]
+    projector = opt._projector(0)
+    for p in params:
+        kept = [t for t in opt.state[p]["projector"].values() if isinstance(t, torch.Tensor)]
+        assert [t.dtype for t in kept] == [torch.bfloat16]
+        assert projector.state_bytes(tuple(p.shape), 4) == kept[0].numel() * 2
+    assert memory.state_bytes(opt) == memory.state_bytes(runs[False][1]) + sum(16 * min(p.shape) * 2 for p in params)
+
+
+def test_apollo_at_rank_16_trains_as_well_with_the_bf16_sketch():
+    ratios = {}
+    for sketch in ("gradient", "auto"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 1))
+        gen = torch.Generator().manual_seed(11)
+        x = torch.randn(64, 32, generator=gen)
+        y = torch.sin(x.sum(1, keepdim=True))
+        matrices = [model[0].weight]
+        others = [p for p in model.parameters() if p is not model[0].weight]
+        opt = lo.ApolloAdamW([{"params": matrices, "rank": 16, "update_proj_gap": 10,
+                               "projector_args": {"sketch_dtype": sketch}}, {"params": others}], lr=1e-2)
+        losses = mse_losses(model, opt, x, y, 60)
+        ratios[sketch] = losses[-1] / losses[0]
+    assert ratios["gradient"] < 0.5  # it trains ...
+    assert abs(ratios["auto"] - ratios["gradient"]) <= 0.1 * ratios["gradient"], ratios  # ... the same with bf16
+
+
+def test_apollo_torch_stream_keeps_the_gradients_dtype_at_a_large_rank():
+    """stream='apollo' (reference_compat's recipe) sketches in the gradient's dtype unless
+    told otherwise, so it stays apollo_torch's arithmetic at ranks where 'auto' is bf16."""
+    values = [torch.randn(40, 24), torch.randn(24, 48)]
+    ours_params = [torch.nn.Parameter(v.clone()) for v in values]
+    ref_params = [torch.nn.Parameter(v.clone()) for v in values]
+    ref = apollo_torch.APOLLOAdamW([{"params": ref_params, "rank": 16, "update_proj_gap": 4, "scale": 1.0,
+                                     "proj": "random", "proj_type": "std", "scale_type": "channel"}], lr=1e-2)
+    ours = lo.ApolloAdamW([{"params": ours_params, "rank": 16, "update_proj_gap": 4, "projector_args": APOLLO_STREAM}],
+                          lr=1e-2, weight_decay=0.0, **REFERENCE_RECIPE)
+    ref.param_groups[0]["weight_decay"] = 0.0
+    assert ours.param_groups[0]["projector_args"]["sketch_dtype"] == "gradient"
+    for t in range(10):
+        fake_grads(ref_params, t)
+        fake_grads(ours_params, t)
+        ref.step()
+        ours.step()
+    for p, q in zip(ours_params, ref_params):
+        assert torch.equal(p, q)
+
+
+def test_a_checkpoint_from_before_the_bf16_sketch_resumes_with_its_fp32_sketch():
+    mats, bias = make_params()
+    opt = lo.ApolloAdamW([{"params": mats, "rank": 3}, {"params": [bias]}])
+    assert opt.param_groups[0]["projector_args"] == {"sketch_dtype": "auto"}  # the default, recorded
+    fake_grads([*mats, bias], 0)
+    opt.step()
+    saved = opt.state_dict()
+    del saved["param_groups"][0]["projector_args"]["sketch_dtype"]  # as written before the option
+    resumed = lo.ApolloAdamW([{"params": mats, "rank": 3}, {"params": [bias]}])
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["projector_args"]["sketch_dtype"] == "gradient"
+
+
+def test_an_unknown_sketch_dtype_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"ApolloAdamW.*sketch_dtype.*'float8'"):
+        lo.ApolloAdamW([{"params": make_params()[0], "rank": 2, "projector_args": {"sketch_dtype": "float8"}}])
