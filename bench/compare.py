@@ -219,6 +219,11 @@ def contenders(rank: int, gap: int) -> list[Contender]:
         # above the minimum column (which is APOLLO's default: no basis kept).
         Contender("ours ApolloAdamW keep", ours("apollo_adamw", scale=apollo_keys["scale"], projector_args={"keep": True}),
                   "lowrank_optim", A, "apollo_adamw"),
+        # The sketch product in the gradient's dtype (fp32 here), apollo_torch's arithmetic:
+        # the default runs it in bf16 from rank 16 (projectors.random.BF16_SKETCH_MIN_RANK).
+        Contender("ours ApolloAdamW fp32 sketch", ours("apollo_adamw", scale=apollo_keys["scale"],
+                                                       projector_args={"sketch_dtype": "gradient"}),
+                  "lowrank_optim", A, "apollo_adamw"),
         Contender("ours ApolloMiniAdamW", ours("apollo_mini_adamw", rank=1, scale=math.sqrt(mini_keys["scale"]), scaling="tensor"),
                   "lowrank_optim", AM, "apollo_mini_adamw", rank=1),
         Contender(G, peer("galore_torch", "GaLoreAdamW", galore_keys, no_deprecation_warning=True), "galore_torch", method="galore_adamw"),

@@ -177,19 +177,32 @@ LONG_ADAMW_GRID = (1e-3, 3e-3, 1e-2)
 #: and APOLLO-Mini (1.9531, 1.8842, 1.8674) twice, to 3e-2; the scale-0.25 methods stayed,
 #: their neighbours within 0.006.  ``projector`` is named for every method whose default is an
 #: SVD, so these runs keep their meaning if that default changes; None leaves the method's own
-#: (int4, dct, gaussian).
-LONG_CONTENDERS: tuple[tuple[str, str | None, float], ...] = (
-    ("galore_adamw", "svd", 3e-2),
-    ("galore_adamw", "rsvd", 3e-2),
-    ("fira_adamw", "svd", 3e-2),
-    ("fira_adamw", "rsvd", 3e-2),
-    ("frugal_adamw", "svd", 1e-2),
-    ("qgalore_adamw8bit", None, 3e-2),
-    ("galore_adamw8bit", "svd", 3e-2),
-    ("dct_adamw", None, 3e-2),
-    ("apollo_adamw", None, 3e-2),
-    ("apollo_mini_adamw", None, 3e-2),
+#: (int4, dct, gaussian).  The last element names a :data:`VARIANTS` entry (None: the method as
+#: it comes): a variant runs on the same seeds as its method's default, at its lr.
+LONG_CONTENDERS: tuple[tuple[str, str | None, float, str | None], ...] = (
+    ("galore_adamw", "svd", 3e-2, None),
+    ("galore_adamw", "rsvd", 3e-2, None),
+    ("fira_adamw", "svd", 3e-2, None),
+    ("fira_adamw", "rsvd", 3e-2, None),
+    ("frugal_adamw", "svd", 1e-2, None),
+    ("qgalore_adamw8bit", None, 3e-2, None),
+    ("galore_adamw8bit", "svd", 3e-2, None),
+    ("dct_adamw", None, 3e-2, None),
+    ("apollo_adamw", None, 3e-2, None),
+    ("apollo_adamw", None, 3e-2, "fp32-sketch"),
+    ("apollo_mini_adamw", None, 3e-2, None),
+    ("apollo_mini_adamw", None, 3e-2, "head"),
 )
+#: Variants of a method, each the ``bench/pretrain.py`` flags it adds (``{optimizer}`` is
+#: filled in).  Each gets its own run names and row, and a verdict against the method's
+#: default on the same seeds (:func:`projector_verdicts`).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    # The sketch product in the gradient's dtype (fp32): APOLLO's default before the bf16 sketch.
+    "fp32-sketch": ("--opt-arg", "{optimizer}:projector_args=sketch_dtype:gradient"),
+    # The LM head projected too: APOLLO-Mini's SGD-like memory on a model whose embedding and
+    # head are most of its parameters (60M: 56%), against the paper's attention + MLP.
+    "head": ("--target-modules", "attn,mlp,lm_head"),
+}
 #: The pairs that decide the default projector (svd against rsvd at the same lr and seeds)
 #: get this many seeds beyond ``--seeds``: the difference they measure is small.
 DECISION = ("galore_adamw", "fira_adamw")
@@ -207,17 +220,19 @@ class Run:
     scale: float = 0.25
     projector: str | None = None  # None: the optimizer's default
     seed: int | None = None  # None: --seed (the sweeps); the long preset plans its seeds
+    variant: str | None = None  # a VARIANTS key; None: the method as it comes
 
     @property
     def name(self) -> str:
         name = f"{self.optimizer}_lr{self.lr:g}_r{self.rank}_s{self.scale:g}"
         name += f"_{self.projector}" if self.projector else ""
+        name += f"_{self.variant}" if self.variant else ""
         return name + (f"_seed{self.seed}" if self.seed is not None else "")
 
     @property
     def config(self) -> tuple:
         """Everything but the seed and the sweeps: the runs of one row of the long table."""
-        return (self.optimizer, self.projector, self.lr, self.rank, self.scale)
+        return (self.optimizer, self.projector, self.lr, self.rank, self.scale, self.variant)
 
 
 def ladder_step(lr: float, steps: int) -> float | None:
@@ -237,18 +252,20 @@ def plan_long(rank: int, seeds: Sequence[int], extra_seeds: Sequence[int], lr_ch
     a stopped run or one ``--shard`` still holds comparable rows.  ``lr_check=False`` leaves
     the lr checks out."""
 
-    def run(optimizer: str, projector: str | None, lr: float, seed: int, sweep: str) -> Run:
+    def run(optimizer: str, projector: str | None, lr: float, seed: int, sweep: str, variant: str | None = None) -> Run:
         settings = METHOD_SETTINGS.get(optimizer, {})  # rank and scale only: the lr is the preset's
-        return Run(optimizer, lr, settings.get("rank", rank), (sweep,), settings.get("scale", 0.25), projector, seed)
+        rank_of = settings.get("rank", rank)
+        return Run(optimizer, lr, rank_of, (sweep,), settings.get("scale", 0.25), projector, seed, variant)
 
     runs = []
     for seed in seeds:
         runs += [run("adamw", None, lr, seed, "long") for lr in LONG_ADAMW_GRID]
-        runs += [run(o, p, lr, seed, "long") for o, p, lr in LONG_CONTENDERS]
-        if seed == seeds[0] and lr_check:
-            runs += [run(o, p, x, seed, "long-lr") for o, p, lr in LONG_CONTENDERS for x in ladder_neighbours(lr)]
+        runs += [run(o, p, lr, seed, "long", k) for o, p, lr, k in LONG_CONTENDERS]
+        if seed == seeds[0] and lr_check:  # the lr is checked for the defaults, not the variants
+            runs += [run(o, p, x, seed, "long-lr") for o, p, lr, k in LONG_CONTENDERS if k is None
+                     for x in ladder_neighbours(lr)]  # fmt: skip
     for seed in extra_seeds:
-        runs += [run(o, p, lr, seed, "long") for o, p, lr in LONG_CONTENDERS if o in DECISION]
+        runs += [run(o, p, lr, seed, "long", k) for o, p, lr, k in LONG_CONTENDERS if o in DECISION]
     return runs
 
 
@@ -294,6 +311,8 @@ def pretrain_args(run: Run, settings: dict, args: argparse.Namespace) -> argpars
     ]  # fmt: skip
     if run.projector:
         argv += ["--opt-arg", f"{run.optimizer}:projector={run.projector}"]
+    if run.variant:
+        argv += [flag.format(optimizer=run.optimizer) for flag in VARIANTS[run.variant]]
     if args.no_progress:
         argv.append("--no-progress")
     return pretrain.parse_args(argv)
@@ -306,7 +325,7 @@ def run_path(out: Path, run: Run) -> Path:
 def run_config(run: Run, settings: dict, args: argparse.Namespace) -> dict:
     """What a saved result must have been trained with to be reused.  The fields the long
     preset added are left out while unset, so runs saved before them still match."""
-    fields = {k: v for k, v in asdict(run).items() if v is not None or k not in ("projector", "seed")}
+    fields = {k: v for k, v in asdict(run).items() if v is not None or k not in ("projector", "seed", "variant")}
     seed = args.seed if run.seed is None else run.seed
     return {"run": fields | {"sweeps": None}, "settings": settings, "seed": seed, "device": args.device}
 
@@ -508,8 +527,10 @@ def report(runs: list[Run], results: dict[str, dict], settings: dict, out: Path,
 
 # ---------------------------------------------------------------------------- long-preset report
 def long_label(row: dict) -> str:
-    """The class name, with the projector where the run chose one (svd and rsvd are two rows)."""
-    return LABELS[row["optimizer"]] + (f" ({row['projector']})" if row.get("projector") else "")
+    """The class name, with the projector and variant where the run chose them (svd and rsvd
+    are two rows)."""
+    chosen = [x for x in (row.get("projector"), row.get("variant")) if x]
+    return LABELS[row["optimizer"]] + (f" ({', '.join(chosen)})" if chosen else "")
 
 
 def seed_groups(rows: list[dict]) -> list[dict]:
@@ -523,7 +544,7 @@ def seed_groups(rows: list[dict]) -> list[dict]:
         members.sort(key=lambda r: r["seed"])
         losses = [r["val_loss"] for r in members]
         merged.append({
-            **{k: members[0][k] for k in ("optimizer", "projector", "lr", "rank", "state_bytes", "parameters")},
+            **{k: members[0][k] for k in ("optimizer", "projector", "variant", "lr", "rank", "state_bytes", "parameters")},
             "sweeps": sorted({s for r in members for s in r["sweeps"]}),
             "seeds": [r["seed"] for r in members],
             "losses": losses,
@@ -556,35 +577,49 @@ def adamw_bracket(groups: list[dict]) -> str:
 
 
 def projector_verdicts(groups: list[dict]) -> list[str]:
-    """svd against rsvd for each method of :data:`DECISION`, at the same lr and on the seeds
-    both have.  Same seed means same initial weights and batches, so the per-seed difference
-    isolates the projector; "within seed noise" means the mean difference is smaller than the
-    spread that changing the seed gives (the pooled standard deviation of the two rows)."""
+    """svd against rsvd for each method of :data:`DECISION`, and each variant of
+    :data:`LONG_CONTENDERS` against its method's default, at the same lr and on the seeds
+    both have (:func:`paired_verdict`)."""
+    long = [g for g in groups if "long" in g["sweeps"]]
     lines = []
     for optimizer in DECISION:
-        pair = {g["projector"]: g for g in groups if g["optimizer"] == optimizer and "long" in g["sweeps"]}
-        if not {"svd", "rsvd"} <= set(pair):
+        pair = {g["projector"]: g for g in long if g["optimizer"] == optimizer}
+        if {"svd", "rsvd"} <= set(pair):
+            lines.append(paired_verdict(optimizer, ("svd", pair["svd"]), ("rsvd", pair["rsvd"])))
+    for optimizer, projector, lr, variant in LONG_CONTENDERS:
+        if variant is None:
             continue
-        svd, rsvd = pair["svd"], pair["rsvd"]
-        seeds = sorted(set(svd["seeds"]) & set(rsvd["seeds"]))
-        if len(seeds) < 2:
-            continue
-        a = [svd["losses"][svd["seeds"].index(k)] for k in seeds]
-        b = [rsvd["losses"][rsvd["seeds"].index(k)] for k in seeds]
-        diffs = [y - x for x, y in zip(a, b)]
-        mean_diff = statistics.fmean(diffs)
-        noise = math.sqrt((statistics.variance(a) + statistics.variance(b)) / 2)
-        if abs(mean_diff) <= noise:
-            verdict = "within seed noise"
-        else:  # which side matters: rsvd better than svd beyond the noise is no reason to keep svd
-            verdict = f"rsvd {'lower' if mean_diff < 0 else 'higher'} than svd by more than the seed noise"
-        lines.append(
-            f"- {LABELS[optimizer]} at lr {svd['lr']:g}, seeds {seeds[0]}-{seeds[-1]}: svd {statistics.fmean(a):.4f} "
-            f"± {statistics.stdev(a):.4f}, rsvd {statistics.fmean(b):.4f} ± {statistics.stdev(b):.4f}; rsvd - svd "
-            f"{mean_diff:+.4f} (per seed {', '.join(f'{d:+.4f}' for d in diffs)}; std {statistics.stdev(diffs):.4f}), "
-            f"seed noise {noise:.4f}: **{verdict}**"
-        )
-    return lines
+        mine = {g.get("variant"): g for g in long if (g["optimizer"], g["projector"], g["lr"]) == (optimizer, projector, lr)}
+        if {None, variant} <= set(mine):
+            lines.append(paired_verdict(optimizer, ("default", mine[None]), (variant, mine[variant])))
+    return [line for line in lines if line]
+
+
+def paired_verdict(optimizer: str, first: tuple[str, dict], second: tuple[str, dict]) -> str | None:
+    """Two variants of one method (``(name, seed group)`` each) on the seeds both have.  Same
+    seed means same initial weights and batches, so the per-seed difference isolates the
+    variant; "within seed noise" means the mean difference is smaller than the spread that
+    changing the seed gives (the pooled standard deviation of the two rows).  None below two
+    common seeds."""
+    (name_a, group_a), (name_b, group_b) = first, second
+    seeds = sorted(set(group_a["seeds"]) & set(group_b["seeds"]))
+    if len(seeds) < 2:
+        return None
+    a = [group_a["losses"][group_a["seeds"].index(k)] for k in seeds]
+    b = [group_b["losses"][group_b["seeds"].index(k)] for k in seeds]
+    diffs = [y - x for x, y in zip(a, b)]
+    mean_diff = statistics.fmean(diffs)
+    noise = math.sqrt((statistics.variance(a) + statistics.variance(b)) / 2)
+    if abs(mean_diff) <= noise:
+        verdict = "within seed noise"
+    else:  # which side matters: the new variant better than the old beyond the noise is no reason to keep the old
+        verdict = f"{name_b} {'lower' if mean_diff < 0 else 'higher'} than {name_a} by more than the seed noise"
+    return (
+        f"- {LABELS[optimizer]} at lr {group_a['lr']:g}, seeds {seeds[0]}-{seeds[-1]}: {name_a} {statistics.fmean(a):.4f} "
+        f"± {statistics.stdev(a):.4f}, {name_b} {statistics.fmean(b):.4f} ± {statistics.stdev(b):.4f}; {name_b} - {name_a} "
+        f"{mean_diff:+.4f} (per seed {', '.join(f'{d:+.4f}' for d in diffs)}; std {statistics.stdev(diffs):.4f}), "
+        f"seed noise {noise:.4f}: **{verdict}**"
+    )
 
 
 def long_table(groups: list[dict], adamw: dict | None) -> str:
@@ -602,9 +637,11 @@ def lr_check_table(rows: list[dict], first_seed: int) -> str:
     """Each contender's first seed at its lr and at the ladder's neighbours: is its lr the
     best of the three at this horizon, or next to a better one?"""
     cells = []
-    for optimizer, projector, lr in LONG_CONTENDERS:
-        mine = {r["lr"]: r["val_loss"] for r in rows
-                if r["optimizer"] == optimizer and r["projector"] == projector and r["seed"] == first_seed}  # fmt: skip
+    for optimizer, projector, lr, variant in LONG_CONTENDERS:
+        if variant is not None:
+            continue  # a variant runs at its method's lr, checked there
+        mine = {r["lr"]: r["val_loss"] for r in rows if r["optimizer"] == optimizer and r["projector"] == projector
+                and r.get("variant") is None and r["seed"] == first_seed}  # fmt: skip
         if lr not in mine:
             continue
         neighbours = [f"{mine[x]:.4f} ({x:g})" if x in mine else "-" for x in (ladder_step(lr, -1), ladder_step(lr, 1))]
@@ -641,7 +678,7 @@ def plot_long(groups: list[dict], settings: dict, path: Path) -> None:
         low, high = [min(v) for v in per_step], [max(v) for v in per_step]
         x = [s * tokens_per_step / 1e6 for s in steps]
         style = {"linewidth": 2} if g["optimizer"] == "adamw" else {"linewidth": 1.2}
-        style["linestyle"] = "--" if g["projector"] == "rsvd" else "-"
+        style["linestyle"] = "--" if g["projector"] == "rsvd" or g.get("variant") else "-"
         label = f"{long_label(g)}, lr {g['lr']:g}: {g['mean']:.3f} ± {g['std']:.3f}"
         for ax, start in zip(panels, (0, half)):
             keep = [i for i, s in enumerate(steps) if s >= start]
@@ -661,7 +698,7 @@ def plot_long(groups: list[dict], settings: dict, path: Path) -> None:
 
 
 def report_long(runs: list[Run], results: dict[str, dict], settings: dict, out: Path, plots: bool) -> tuple[str, dict]:
-    rows = [{**results[run.name], "lr": run.lr, "rank": run.rank, "projector": run.projector, "seed": run.seed,
+    rows = [{**results[run.name], "lr": run.lr, "rank": run.rank, "projector": run.projector, "variant": run.variant, "seed": run.seed,
              "config": run.config, "sweeps": run.sweeps, "run": run.name}
             for run in runs if run.name in results]  # fmt: skip
     groups = seed_groups(rows)

@@ -87,7 +87,8 @@ def make_optimizer(
     kwargs = optimizer_kwargs(name, args)
     if name in options.PEERS:
         return options.build_peer(name, model.parameters(), **kwargs)
-    return lowrank_optim.create_optimizer(name, model, target_modules=("attn", "mlp"), summary=summary, **kwargs)
+    targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+    return lowrank_optim.create_optimizer(name, model, target_modules=targets, summary=summary, **kwargs)
 
 
 def peak_lr(name: str, args: argparse.Namespace) -> float:
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rank", type=int, default=None, help="GaLore rank (None: the model's, see MODEL_SHAPES)")
     parser.add_argument("--update-proj-gap", type=int, default=200, help="steps between subspace refreshes")
     parser.add_argument("--scale", type=float, default=0.25, help="GaLore's alpha on the projected-back update")
+    parser.add_argument("--target-modules", default="attn,mlp",
+                        help="comma-separated module-name substrings whose nn.Linear weights are projected "
+                        "(lm_head adds the LM head)")
     parser.add_argument("--warmup", type=int, default=150, help="linear warmup steps, then cosine to 10%% of peak")
     parser.add_argument("--eval-every", type=int, default=500, help="validation every N steps (0: start and end only)")
     parser.add_argument("--eval-batches", type=int, default=8, help="fixed validation batches per evaluation")

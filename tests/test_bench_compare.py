@@ -32,6 +32,7 @@ QUICK_COMPARE = [
     "ours FiraAdamW",
     "ours ApolloAdamW",
     "ours ApolloAdamW keep",
+    "ours ApolloAdamW fp32 sketch",
     "ours ApolloMiniAdamW",
     "galore_torch GaLoreAdamW",
     "fira FiraAdamW",
@@ -91,6 +92,8 @@ def test_compare_apollo_against_apollo_torch(compare_run):
             assert rows[peer]["state_bytes"] > rows[peer]["minimum_bytes"]
     kept = rows["ours ApolloAdamW keep"]  # the same plus the kept sketches (r x n floats per matrix)
     assert kept["minimum_bytes"] == rows["ours ApolloAdamW"]["minimum_bytes"] < kept["state_bytes"]
+    # the product's precision changes no state
+    assert rows["ours ApolloAdamW fp32 sketch"]["state_bytes"] == rows["ours ApolloAdamW"]["state_bytes"]
     # Mini's moments are rank 1: far below APOLLO's rank-r ones on the same stack
     assert rows["ours ApolloMiniAdamW"]["state_bytes"] < rows["ours ApolloAdamW"]["state_bytes"] / 8
 
@@ -198,17 +201,20 @@ def test_long_plan_seeds_lrs_and_projectors():
         if "long" in r.sweeps:
             seeds.setdefault(r.config, set()).add(r.seed)
     for lr in convergence.LONG_ADAMW_GRID:  # AdamW's whole grid on every seed: the bracket has error bars
-        assert seeds[("adamw", None, lr, 16, 0.25)] == {0, 1, 2}
+        assert seeds[("adamw", None, lr, 16, 0.25, None)] == {0, 1, 2}
     assert len(seeds) == len(convergence.LONG_ADAMW_GRID) + len(convergence.LONG_CONTENDERS)
-    for optimizer, projector, lr in convergence.LONG_CONTENDERS:
-        config = next(c for c in seeds if c[:3] == (optimizer, projector, lr))
+    for optimizer, projector, lr, variant in convergence.LONG_CONTENDERS:
+        config = next(c for c in seeds if c[:3] == (optimizer, projector, lr) and c[-1] == variant)
         assert seeds[config] == ({0, 1, 2, 3, 4} if optimizer in convergence.DECISION else {0, 1, 2})
+        if variant is not None:  # a variant at its method's lr: no lr check of its own
+            assert not any("long-lr" in r.sweeps and r.variant == variant for r in runs)
+            continue
         checks = {r.lr for r in runs if "long-lr" in r.sweeps and r.config[:2] == (optimizer, projector)}
         assert len(checks) == 2 and min(checks) < lr < max(checks)  # one ladder step (about 3x) either side
         assert all(2.9 < max(x / lr, lr / x) < 3.4 for x in checks)
         assert all(r.seed == 0 for r in runs if "long-lr" in r.sweeps)
     # the decision pairs: svd and rsvd at the same lr, and the projector reaches the optimizer
-    pairs = {(o, p) for o, p, _ in convergence.LONG_CONTENDERS if o in convergence.DECISION}
+    pairs = {(o, p) for o, p, _, _ in convergence.LONG_CONTENDERS if o in convergence.DECISION}
     assert pairs == {(o, p) for o in convergence.DECISION for p in ("svd", "rsvd")}
     mini = next(r for r in runs if r.optimizer == "apollo_mini_adamw")
     assert mini.rank == 1 and mini.scale == pytest.approx(math.sqrt(128))
@@ -217,6 +223,14 @@ def test_long_plan_seeds_lrs_and_projectors():
     rsvd = next(r for r in runs if r.projector == "rsvd" and r.seed == 2)
     parsed = convergence.pretrain_args(rsvd, settings, args)
     assert parsed.opt_args[rsvd.optimizer]["projector"] == "rsvd" and parsed.seed == 2
+    # the variants: their own run names, their flags reaching the optimizer and the model's targets
+    fp32 = next(r for r in runs if r.variant == "fp32-sketch" and r.seed == 1)
+    assert fp32.optimizer == "apollo_adamw" and "_fp32-sketch_" in fp32.name
+    parsed = convergence.pretrain_args(fp32, settings, args)
+    assert parsed.opt_args["apollo_adamw"]["projector_args"] == {"sketch_dtype": "gradient"}
+    assert parsed.target_modules == "attn,mlp"
+    head = next(r for r in runs if r.variant == "head" and r.seed == 0)
+    assert convergence.pretrain_args(head, settings, args).target_modules == "attn,mlp,lm_head"
     # the GPU command's filter: AdamW's grid, GaLore and Fira, not the other "..._adamw_" methods
     chosen = convergence.select(runs, "^adamw_,galore_adamw_lr,fira_adamw_lr")
     assert {r.optimizer for r in chosen} == {"adamw", "galore_adamw", "fira_adamw"} and len(chosen) == 37
@@ -235,9 +249,9 @@ def test_long_settings_reach_15_tokens_per_parameter():
     assert (gpu["warmup"], gpu["rank"]) == (50, 128)
 
 
-def _rows(optimizer, projector, lr, losses, sweeps=("long",)):
+def _rows(optimizer, projector, lr, losses, sweeps=("long",), variant=None):
     return [{"optimizer": optimizer, "projector": projector, "lr": lr, "rank": 16, "seed": seed, "val_loss": loss,
-             "config": (optimizer, projector, lr, 16, 0.25), "sweeps": sweeps, "state_bytes": 100, "parameters": 10,
+             "config": (optimizer, projector, lr, 16, 0.25, variant), "variant": variant, "sweeps": sweeps, "state_bytes": 100, "parameters": 10,
              "train_step_ms": 1.0, "eval_history": [(0, 5.5), (10, loss)]}
             for seed, loss in enumerate(losses)]  # fmt: skip
 
@@ -254,7 +268,10 @@ def test_long_statistics_bracket_and_projector_verdicts():
     assert "**interior**" in convergence.adamw_bracket(groups)
     edge = [g for g in groups if not (g["optimizer"] == "adamw" and g["lr"] == 1e-2)]
     assert "grid's edge" in convergence.adamw_bracket([g for g in edge if not (g["optimizer"] == "adamw" and g["lr"] == 1e-3)])
-    galore, fira = convergence.projector_verdicts(groups)
+    rows += _rows("apollo_adamw", None, 3e-2, [1.5, 1.6, 1.7]) + _rows("apollo_adamw", None, 3e-2, [1.5, 1.61, 1.69], variant="fp32-sketch")
+    groups = convergence.seed_groups(rows)
+    galore, fira, apollo = convergence.projector_verdicts(groups)
+    assert apollo.startswith("- ApolloAdamW") and "default 1.6000 ± 0.1000, fp32-sketch 1.6000 ± 0.0954" in apollo and "**within seed noise**" in apollo
     assert galore.startswith("- GaLoreAdamW") and "**within seed noise**" in galore  # 0.0033 against a 0.1 spread
     assert fira.startswith("- FiraAdamW") and "**rsvd higher than svd by more than the seed noise**" in fira
     assert "+0.1000" in fira  # +0.1 on every seed, against a spread of 0.01
@@ -266,7 +283,7 @@ def test_long_statistics_bracket_and_projector_verdicts():
 
 
 def test_long_lr_check_names_a_better_neighbour():
-    lrs = {(o, p): x for o, p, x in convergence.LONG_CONTENDERS}
+    lrs = {(o, p): x for o, p, x, k in convergence.LONG_CONTENDERS if k is None}
     lr = lrs[("galore_adamw", "svd")]
     low, high = convergence.ladder_step(lr, -1), convergence.ladder_step(lr, 1)
     rows = _rows("galore_adamw", "svd", lr, [1.5]) + _rows("galore_adamw", "svd", low, [1.6], ("long-lr",))
@@ -293,7 +310,7 @@ def test_long_quick_two_shards_then_resume(tmp_path, monkeypatch):
     for g in groups:
         assert math.isfinite(g["mean"]) and g["std"] >= 0 and g["min"] <= g["mean"] <= g["max"]
         assert g["state_bytes"] > 0
-    assert {(g["optimizer"], g["projector"]) for g in groups} >= {(o, p) for o, p, _ in convergence.LONG_CONTENDERS}
+    assert {(g["optimizer"], g["projector"], g["variant"]) for g in groups} == {(o, p, k) for o, p, _, k in convergence.LONG_CONTENDERS} | {("adamw", None, None)}
     settings = second["settings"]
     tokens = convergence.LONG_QUICK["steps"] * convergence.LONG_QUICK["batch_size"] * convergence.LONG_QUICK["seq_len"]
     assert (settings["parameters"], settings["tokens"]) == (131_904, tokens)
@@ -301,7 +318,7 @@ def test_long_quick_two_shards_then_resume(tmp_path, monkeypatch):
     report = (out / "convergence_long.md").read_text()
     assert "131,904 parameters" in report and f"{tokens:,} training tokens" in report
     assert "below the issue's 15" in report  # the toy size says it is a toy
-    assert report.count("seed noise**") == 2  # the GaLore and Fira svd/rsvd verdicts, one each
+    assert report.count("seed noise**") == 4  # GaLore's and Fira's svd/rsvd, and one per variant
     if importlib.util.find_spec("matplotlib"):
         assert (out / "convergence_long.png").stat().st_size > 1000
 
@@ -311,3 +328,15 @@ def test_long_quick_two_shards_then_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(convergence.pretrain, "train_one", no_training)
     again = convergence.main(argv)
     assert [r["val_loss"] for r in again["rows"]] == [r["val_loss"] for r in second["rows"]]
+
+
+# ---------------------------------------------------------------------------- bench_sketch.py
+def test_bench_sketch_quick_times_both_products_and_says_what_auto_picks(tmp_path):
+    bench_sketch = bench_script("bench_sketch")
+    raw = bench_sketch.main(["--quick", "--repeats", "2", "--threads", "1", "--out", str(tmp_path)])
+    rows = raw["cases"]
+    assert [(r["rank"], r["auto"]) for r in rows] == [(1, "fp32"), (16, "bf16")]  # the documented threshold
+    for r in rows:
+        assert r["fp32_ms"] > 0 and r["bf16_ms"] > 0 and r["ratio"] == pytest.approx(r["bf16_ms"] / r["fp32_ms"])
+        assert 0 < r["error"] < 0.02  # bf16 operands: about 2^-8 relative, not a different sketch
+    assert "| 64x96 | 16 |" in (tmp_path / "bench_sketch.md").read_text()
