@@ -421,13 +421,14 @@ DECLARED = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("name,options", DECLARED, ids=[f"{n}-{i}" for i, (n, _) in enumerate(DECLARED)])
 def test_declared_state_bytes_equal_measured(name, options, dtype):
+    from lowrank_optim.optim.hooks import low_rank_dtype
     from lowrank_optim.projectors import make_projector
 
-    if dtype == torch.float64 and "8bit" in name:
-        pytest.skip("bitsandbytes' 8-bit moments take fp32 gradients")
+    if dtype in (torch.float64, torch.float16) and "8bit" in name:
+        pytest.skip("bitsandbytes' 8-bit moments take fp32 or bf16 gradients")
     model = Stack(shapes=((64, 48),) * 4, mlp=False, dtype=dtype)
     opt = mem.build_optimizer(name, model, **options)
     _run(opt, model, steps=3)
@@ -441,8 +442,10 @@ def test_declared_state_bytes_equal_measured(name, options, dtype):
         for p in group["params"]:
             shape = tuple(p.shape)
             own = projector.state_bytes(shape, width) if projector is not None else 0
+            # a projected fp16 weight keeps fp32 statistics (the estimator's rule too)
+            low_width = low_rank_dtype(dtype).itemsize if projector is not None else width
             declared[names[id(p)]] = own + type(opt).param_state_bytes(
-                shape, width, group, projector, group_size=len(group["params"]))
+                shape, low_width, group, projector, group_size=len(group["params"]))
     if options.get("projector") == "blocks":
         # which matrices are active changes per round; their number does not
         assert sum(measured.values()) == sum(declared.values())
@@ -452,6 +455,20 @@ def test_declared_state_bytes_equal_measured(name, options, dtype):
         assert len({declared[n] for n in matrices}) == 1
     else:
         assert measured == declared
+
+
+@pytest.mark.parametrize("name,options", [("apollo_adamw", {"rank": 8}), ("galore_adamw", {"rank": 8, "projector": "svd"})])
+def test_estimate_of_an_fp16_model_counts_fp32_low_rank_statistics(name, options):
+    """A projected fp16 weight runs its rule in fp32 (its squares would underflow): the
+    estimate counts those moments at 4 bytes, the basis at the weight's 2, as the state holds."""
+    model = Stack(dtype=torch.float16)
+    opt = mem.build_optimizer(name, model, **options)
+    _run(opt, model, steps=3)
+    measured = mem.state_bytes_per_param(opt, list(model.named_parameters()))
+    est = mem.estimate(model, name, dtype="fp16", **options)
+    assert measured == {r.name: r.optimizer for r in est.rows}
+    projected = next(p for p in opt.param_groups[0]["params"])
+    assert {t.dtype for k, t in opt.state[projected].items() if k.startswith("exp_avg")} == {torch.float32}
 
 
 @pytest.mark.parametrize("name,size,projector", [("galore_adafactor", {"density": 0.25}, "columns"),

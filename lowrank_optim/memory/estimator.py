@@ -80,6 +80,7 @@ from typing import Any
 import torch
 
 from .. import options as _options
+from ..optim.hooks import low_rank_dtype
 from ..optim.rules import Adam, Adam8bit
 from .shapes import (
     DEFAULT_RANK,
@@ -394,7 +395,8 @@ def estimate(model: Any, optimizer: str, rank: int | None = None, density: float
         elif s.projected:
             # A fused-experts stack is E matrices, each with its own basis and moments.
             proj, clamped = projectors.for_shape(s.matrix_shape)
-            state = s.matrices * cls.param_state_bytes(s.matrix_shape, width, group, proj, group_size=n_proj)
+            low_width = low_rank_dtype(s.dtype).itemsize  # fp16 weights keep fp32 statistics
+            state = s.matrices * cls.param_state_bytes(s.matrix_shape, low_width, group, proj, group_size=n_proj)
             basis = s.matrices * proj.state_bytes(s.matrix_shape, width)
             est.clamped += s.matrices if clamped else 0
         else:

@@ -60,7 +60,7 @@ from .groups import (
     is_matrix_stack,
     projector_key,
 )
-from .hooks import MethodHooks, ParamStep
+from .hooks import MethodHooks, ParamStep, low_rank_dtype
 from .layerwise import LayerwiseMixin
 from .rules import Adam, MomentRule, Update
 from .validation import GroupValidationMixin
@@ -303,10 +303,7 @@ class LowRankOptimizer(LayerwiseMixin, BulkStepMixin, GroupValidationMixin, Chec
         if projector.should_refresh(pstate) and not self._refresh(p, grad, group, state, projector, layout, bases):
             return None  # skip rather than corrupt the state
         low = projector.project(grad, pstate)
-        # An fp16 low-rank gradient runs its rule in fp32 (fp32 moments, history): its
-        # squares underflow and eps=1e-8 rounds to 0 in fp16.  bf16 has fp32's range.
-        if low.dtype == torch.float16:
-            low = low.float()
+        low = low.to(low_rank_dtype(low.dtype))  # fp16: the rule runs in fp32
         projector.tick(pstate)
         return low
 

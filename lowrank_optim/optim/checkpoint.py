@@ -10,6 +10,7 @@ import torch
 
 from ..projectors import REGISTRY, Projector, is_projected, make_projector
 from .groups import BOOKKEEPING_KEYS, LAYOUT_KEYS, LOOP_DEFAULTS, is_matrix_stack, param_names
+from .hooks import low_rank_dtype
 
 #: The top-level key of ``state_dict()`` naming the class that saved it.
 SAVED_BY = "saved_by"
@@ -204,7 +205,7 @@ class CheckpointMixin:
 
     def _adopt_matrix_state(self, p: torch.Tensor, pstate: dict, projector: Projector | None) -> dict:
         param_dtype = torch.view_as_real(p).dtype if p.is_complex() else p.dtype
-        low_dtype = torch.float32 if projector is not None and param_dtype == torch.float16 else param_dtype
+        low_dtype = low_rank_dtype(param_dtype) if projector is not None else param_dtype
         adopted = {}
         for key, value in self.upgrade_state(dict(pstate)).items():
             if key == "projector" and projector is not None:

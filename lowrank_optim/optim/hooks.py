@@ -31,6 +31,14 @@ class ParamStep(NamedTuple):
     layout: distributed.ShardLayout | None = None
 
 
+def low_rank_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of R and of its statistics for a projected parameter of ``param_dtype``: its
+    own, except fp16, whose squares underflow and whose eps=1e-8 rounds to 0, so an fp16 R
+    runs its rule in fp32 (bf16 has fp32's range and stays).  One rule for the step, the
+    checkpoint loader and the memory estimator."""
+    return torch.float32 if param_dtype == torch.float16 else param_dtype
+
+
 #: The hooks of a projected step; a class that keeps them all at the template's default
 #: steps its projected groups in bulk (:meth:`~lowrank_optim.optim.bulk.BulkStepMixin._step_many`).
 PROJECTION_HOOKS = (
@@ -124,8 +132,9 @@ class MethodHooks:
     def param_state_bytes(
         cls, shape: tuple[int, ...], width: int, group: dict, projector: Projector | None = None, group_size: int = 1
     ) -> float:
-        """Bytes ``optimizer.state[p]`` keeps for a parameter of ``shape`` with ``width``-byte
-        elements in ``group``, the projector's own tensors aside (``projector.state_bytes``):
+        """Bytes ``optimizer.state[p]`` keeps for a parameter of ``shape`` whose statistics have
+        ``width``-byte elements (a projected parameter's: those of :func:`low_rank_dtype`) in
+        ``group``, the projector's own tensors aside (``projector.state_bytes``):
         the moment rule's statistics of G (dense group) or of R, plus the method's own
         (:meth:`method_state_bytes`).  ``group_size``: the group's projected matrices (FRUGAL's
         blocks keep moments for a share of them only, so a matrix costs that share on average).
