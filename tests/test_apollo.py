@@ -285,3 +285,30 @@ def test_a_checkpoint_from_before_the_bf16_sketch_resumes_with_its_fp32_sketch()
 def test_an_unknown_sketch_dtype_is_refused_by_name():
     with pytest.raises(ValueError, match=r"ApolloAdamW.*sketch_dtype.*'float8'"):
         lo.ApolloAdamW([{"params": make_params()[0], "rank": 2, "projector_args": {"sketch_dtype": "float8"}}])
+
+
+def test_a_kept_bf16_sketch_resumes_bit_for_bit_through_a_weights_only_checkpoint(tmp_path):
+    values = [torch.randn(40, 24), torch.randn(20, 48)]
+
+    def build(params):
+        return lo.ApolloAdamW([{"params": params, "rank": 16, "update_proj_gap": 3, "projector_args": {"keep": True}}],
+                              lr=1e-2)
+
+    straight = [torch.nn.Parameter(v.clone()) for v in values]
+    resumed = [torch.nn.Parameter(v.clone()) for v in values]
+    opt = build(straight)
+    first = build(resumed)
+    for t in range(4):
+        for params, o in ((straight, opt), (resumed, first)):
+            fake_grads(params, t)
+            o.step()
+    torch.save(first.state_dict(), tmp_path / "opt.pt")
+    second = build(resumed)
+    second.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    assert {t.dtype for s in second.state.values() for t in s["projector"].values() if isinstance(t, torch.Tensor)} == {torch.bfloat16}
+    for t in range(4, 8):  # a refresh at step 6
+        for params, o in ((straight, opt), (resumed, second)):
+            fake_grads(params, t)
+            o.step()
+    for p, q in zip(straight, resumed):
+        assert torch.equal(p, q)
