@@ -206,10 +206,7 @@ def test_long_plan_seeds_lrs_and_projectors():
     for optimizer, projector, lr, variant in convergence.LONG_CONTENDERS:
         config = next(c for c in seeds if c[:3] == (optimizer, projector, lr) and c[-1] == variant)
         assert seeds[config] == ({0, 1, 2, 3, 4} if optimizer in convergence.DECISION else {0, 1, 2})
-        if variant is not None:  # a variant at its method's lr: no lr check of its own
-            assert not any("long-lr" in r.sweeps and r.variant == variant for r in runs)
-            continue
-        checks = {r.lr for r in runs if "long-lr" in r.sweeps and r.config[:2] == (optimizer, projector)}
+        checks = {r.lr for r in runs if "long-lr" in r.sweeps and r.config[:2] == (optimizer, projector) and r.variant == variant}
         assert len(checks) == 2 and min(checks) < lr < max(checks)  # one ladder step (about 3x) either side
         assert all(2.9 < max(x / lr, lr / x) < 3.4 for x in checks)
         assert all(r.seed == 0 for r in runs if "long-lr" in r.sweeps)
@@ -269,8 +266,12 @@ def test_long_statistics_bracket_and_projector_verdicts():
     edge = [g for g in groups if not (g["optimizer"] == "adamw" and g["lr"] == 1e-2)]
     assert "grid's edge" in convergence.adamw_bracket([g for g in edge if not (g["optimizer"] == "adamw" and g["lr"] == 1e-3)])
     rows += _rows("apollo_adamw", None, 3e-2, [1.5, 1.6, 1.7]) + _rows("apollo_adamw", None, 3e-2, [1.5, 1.61, 1.69], variant="fp32-sketch")
+    # a variant at its own lr is paired with its method's default at the default's lr
+    rows += _rows("apollo_mini_adamw", None, 3e-2, [1.5, 1.6, 1.7]) + _rows("apollo_mini_adamw", None, 1e-2, [1.3, 1.4, 1.5], variant="head")
     groups = convergence.seed_groups(rows)
-    galore, fira, apollo = convergence.projector_verdicts(groups)
+    galore, fira, apollo, mini = convergence.projector_verdicts(groups)
+    assert mini.startswith("- ApolloMiniAdamW at lr 0.03 and 0.01") and "head - default -0.2000" in mini
+    assert "**head lower than default by more than the seed noise**" in mini
     assert apollo.startswith("- ApolloAdamW") and "default 1.6000 ± 0.1000, fp32-sketch 1.6000 ± 0.0954" in apollo and "**within seed noise**" in apollo
     assert galore.startswith("- GaLoreAdamW") and "**within seed noise**" in galore  # 0.0033 against a 0.1 spread
     assert fira.startswith("- FiraAdamW") and "**rsvd higher than svd by more than the seed noise**" in fira
