@@ -65,13 +65,15 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
         "dct": lambda g: lo.DCTAdamW(g, lr=1e-2),
         "apollo": lambda g: lo.ApolloAdamW(g, lr=1e-2, weight_decay=0.1),
         "apollo_mini": lambda g: lo.ApolloMiniAdamW([{**g[0], "rank": 1}, g[1]], lr=1e-2),
+        # the bf16 sketch product (the default from rank 16), on these rank-2 shapes
+        "apollo_bf16_sketch": lambda g: lo.ApolloAdamW(g, lr=1e-2, projector_args={"sketch_dtype": "bfloat16"}),
     }
     return builders[name]([group, {"params": others}])
 
 
 OPTIMIZERS = (
     "galore_svd", "galore_std_wide", "galore_rsvd", "galore_random_project", "fira", "fira_matrix", "frugal_svd",
-    "frugal_columns_keep", "frugal_blocks", "dct", "apollo", "apollo_mini",
+    "frugal_columns_keep", "frugal_blocks", "dct", "apollo", "apollo_mini", "apollo_bf16_sketch",
 )
 
 
