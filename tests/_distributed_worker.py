@@ -66,7 +66,7 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
         "apollo": lambda g: lo.ApolloAdamW(g, lr=1e-2, weight_decay=0.1),
         "apollo_mini": lambda g: lo.ApolloMiniAdamW([{**g[0], "rank": 1}, g[1]], lr=1e-2),
         # the bf16 sketch product (the default from rank 16), on these rank-2 shapes
-        "apollo_bf16_sketch": lambda g: lo.ApolloAdamW(g, lr=1e-2, projector_args={"sketch_dtype": "bfloat16"}),
+        "apollo_bf16_sketch": lambda g: lo.ApolloAdamW(g, lr=1e-2, projector_args={"product_dtype": "bfloat16"}),
     }
     return builders[name]([group, {"params": others}])
 

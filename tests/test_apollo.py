@@ -12,7 +12,7 @@ import lowrank_optim as lo
 from conftest import assert_factored_equals_formed, fake_grads, make_params, mse_losses, twin_params
 from lowrank_optim import memory
 from lowrank_optim.projectors import REGISTRY
-from lowrank_optim.projectors.random import BF16_SKETCH_MIN_RANK
+from lowrank_optim.projectors.base import BF16_PRODUCT_MIN_RANK
 
 apollo_torch = pytest.importorskip("apollo_torch")
 
@@ -170,9 +170,9 @@ def test_layerwise_apollo_equals_a_regular_step():
 # ---------------------------------------------------------------------------- sketch precision
 
 
-def sketch_of(rank, sketch_dtype, shape=(24, 48), keep=False):
+def sketch_of(rank, product_dtype, shape=(24, 48), keep=False):
     """A gaussian projector's state after its first refresh, and the projector."""
-    projector = REGISTRY["gaussian"](rank, "std", 5, sketch_dtype=sketch_dtype, keep=keep)
+    projector = REGISTRY["gaussian"](rank, "std", 5, product_dtype=product_dtype, keep=keep)
     pstate = projector.init_state(torch.Size(shape), seed=3)
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     projector.refresh(grad, pstate)
@@ -186,18 +186,18 @@ def test_bf16_sketch_multiplies_bf16_operands_and_returns_the_gradients_dtype():
     low = projector.project(grad, pstate)
     assert low.dtype == torch.float32
     assert torch.equal(low, (basis.t() @ grad.bfloat16()).float())
-    exact = REGISTRY["gaussian"](4, "std", 5, sketch_dtype="gradient").project(grad, pstate)
+    exact = REGISTRY["gaussian"](4, "std", 5, product_dtype="gradient").project(grad, pstate)
     assert not torch.equal(low, exact)  # rounded operands ...
     assert torch.allclose(low, exact, rtol=0.05, atol=0.05 * exact.abs().mean().item())  # ... of the same sketch
 
 
 def test_auto_sketch_is_bf16_from_the_documented_rank_and_exact_below():
-    for rank, bf16 in ((BF16_SKETCH_MIN_RANK - 1, False), (BF16_SKETCH_MIN_RANK, True)):
+    for rank, bf16 in ((BF16_PRODUCT_MIN_RANK - 1, False), (BF16_PRODUCT_MIN_RANK, True)):
         auto, pstate, grad = sketch_of(rank, "auto")
-        chosen = REGISTRY["gaussian"](rank, "std", 5, sketch_dtype="bfloat16" if bf16 else "gradient")
+        chosen = REGISTRY["gaussian"](rank, "std", 5, product_dtype="bfloat16" if bf16 else "gradient")
         assert torch.equal(auto.project(grad, pstate), chosen.project(grad, pstate))
-        assert auto.sketch_dtype_for(rank, torch.float32) == (torch.bfloat16 if bf16 else torch.float32)
-    assert auto.sketch_dtype_for(BF16_SKETCH_MIN_RANK, torch.float16) == torch.float16  # never widened or swapped
+        assert auto.product_dtype_for(rank, torch.float32) == (torch.bfloat16 if bf16 else torch.float32)
+    assert auto.product_dtype_for(BF16_PRODUCT_MIN_RANK, torch.float16) == torch.float16  # never widened or swapped
 
 
 def test_back_projection_uses_the_same_rounded_basis():
@@ -241,7 +241,7 @@ def test_apollo_at_rank_16_trains_as_well_with_the_bf16_sketch():
         matrices = [model[0].weight]
         others = [p for p in model.parameters() if p is not model[0].weight]
         opt = lo.ApolloAdamW([{"params": matrices, "rank": 16, "update_proj_gap": 10,
-                               "projector_args": {"sketch_dtype": sketch}}, {"params": others}], lr=1e-2)
+                               "projector_args": {"product_dtype": sketch}}, {"params": others}], lr=1e-2)
         losses = mse_losses(model, opt, x, y, 60)
         ratios[sketch] = losses[-1] / losses[0]
     assert ratios["gradient"] < 0.5  # it trains ...
@@ -259,7 +259,7 @@ def test_apollo_torch_stream_keeps_the_gradients_dtype_at_a_large_rank():
     ours = lo.ApolloAdamW([{"params": ours_params, "rank": 16, "update_proj_gap": 4, "projector_args": APOLLO_STREAM}],
                           lr=1e-2, weight_decay=0.0, **REFERENCE_RECIPE)
     ref.param_groups[0]["weight_decay"] = 0.0
-    assert ours.param_groups[0]["projector_args"]["sketch_dtype"] == "gradient"
+    assert ours.param_groups[0]["projector_args"]["product_dtype"] == "gradient"
     for t in range(10):
         fake_grads(ref_params, t)
         fake_grads(ours_params, t)
@@ -272,19 +272,19 @@ def test_apollo_torch_stream_keeps_the_gradients_dtype_at_a_large_rank():
 def test_a_checkpoint_from_before_the_bf16_sketch_resumes_with_its_fp32_sketch():
     mats, bias = make_params()
     opt = lo.ApolloAdamW([{"params": mats, "rank": 3}, {"params": [bias]}])
-    assert opt.param_groups[0]["projector_args"] == {"sketch_dtype": "auto"}  # the default, recorded
+    assert opt.param_groups[0]["projector_args"] == {"product_dtype": "auto"}  # the default, recorded
     fake_grads([*mats, bias], 0)
     opt.step()
     saved = opt.state_dict()
-    del saved["param_groups"][0]["projector_args"]["sketch_dtype"]  # as written before the option
+    del saved["param_groups"][0]["projector_args"]["product_dtype"]  # as written before the option
     resumed = lo.ApolloAdamW([{"params": mats, "rank": 3}, {"params": [bias]}])
     resumed.load_state_dict(saved)
-    assert resumed.param_groups[0]["projector_args"]["sketch_dtype"] == "gradient"
+    assert resumed.param_groups[0]["projector_args"]["product_dtype"] == "gradient"
 
 
-def test_an_unknown_sketch_dtype_is_refused_by_name():
-    with pytest.raises(ValueError, match=r"ApolloAdamW.*sketch_dtype.*'float8'"):
-        lo.ApolloAdamW([{"params": make_params()[0], "rank": 2, "projector_args": {"sketch_dtype": "float8"}}])
+def test_an_unknown_product_dtype_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"ApolloAdamW.*product_dtype.*'float8'"):
+        lo.ApolloAdamW([{"params": make_params()[0], "rank": 2, "projector_args": {"product_dtype": "float8"}}])
 
 
 def test_a_kept_bf16_sketch_resumes_bit_for_bit_through_a_weights_only_checkpoint(tmp_path):

@@ -224,13 +224,14 @@ def test_long_plan_seeds_lrs_and_projectors():
     fp32 = next(r for r in runs if r.variant == "fp32-sketch" and r.seed == 1)
     assert fp32.optimizer == "apollo_adamw" and "_fp32-sketch_" in fp32.name
     parsed = convergence.pretrain_args(fp32, settings, args)
-    assert parsed.opt_args["apollo_adamw"]["projector_args"] == {"sketch_dtype": "gradient"}
+    assert parsed.opt_args["apollo_adamw"]["projector_args"] == {"product_dtype": "gradient"}
     assert parsed.target_modules == "attn,mlp"
     head = next(r for r in runs if r.variant == "head" and r.seed == 0)
     assert convergence.pretrain_args(head, settings, args).target_modules == "attn,mlp,lm_head"
-    # the GPU command's filter: AdamW's grid, GaLore and Fira, not the other "..._adamw_" methods
+    # the GPU command's filter: AdamW's grid, GaLore and Fira (their bf16-products variants too),
+    # not the other "..._adamw_" methods
     chosen = convergence.select(runs, "^adamw_,galore_adamw_lr,fira_adamw_lr")
-    assert {r.optimizer for r in chosen} == {"adamw", "galore_adamw", "fira_adamw"} and len(chosen) == 37
+    assert {r.optimizer for r in chosen} == {"adamw", "galore_adamw", "fira_adamw"} and len(chosen) == 51
     # the first seed's runs (lr checks included) come before any other seed's
     first_other = next(i for i, r in enumerate(runs) if r.seed != 0)
     assert all(r.seed == 0 for r in runs[:first_other]) and all(r.seed != 0 for r in runs[first_other:])
@@ -258,6 +259,8 @@ def test_long_statistics_bracket_and_projector_verdicts():
             + _rows("adamw", None, 1e-2, [2.5, 2.6, 2.7]))  # fmt: skip
     rows += _rows("galore_adamw", "svd", 1e-2, [1.0, 1.1, 1.2]) + _rows("galore_adamw", "rsvd", 1e-2, [1.01, 1.11, 1.19])
     rows += _rows("fira_adamw", "svd", 1e-2, [1.0, 1.01, 1.02]) + _rows("fira_adamw", "rsvd", 1e-2, [1.1, 1.11, 1.12])
+    # a variant of the rsvd row does not take the rsvd row's place in the svd/rsvd verdict
+    rows += _rows("galore_adamw", "rsvd", 1e-2, [5.0, 5.0, 5.1], variant="bf16-products")
     groups = convergence.seed_groups(rows)
     adamw = convergence.best_adamw(groups)
     assert adamw["lr"] == 3e-3 and adamw["mean"] == pytest.approx(2.0) and adamw["std"] == pytest.approx(0.1)
@@ -269,7 +272,8 @@ def test_long_statistics_bracket_and_projector_verdicts():
     # a variant at its own lr is paired with its method's default at the default's lr
     rows += _rows("apollo_mini_adamw", None, 3e-2, [1.5, 1.6, 1.7]) + _rows("apollo_mini_adamw", None, 1e-2, [1.3, 1.4, 1.5], variant="head")
     groups = convergence.seed_groups(rows)
-    galore, fira, apollo, mini = convergence.projector_verdicts(groups)
+    galore, fira, apollo, mini = convergence.projector_verdicts(groups)  # the variant's lr is not its plan's: no verdict
+    assert "rsvd 1.1033" in galore  # the rsvd row, not its variant's
     assert mini.startswith("- ApolloMiniAdamW at lr 0.03 and 0.01") and "head - default -0.2000" in mini
     assert "**head lower than default by more than the seed noise**" in mini
     assert apollo.startswith("- ApolloAdamW") and "default 1.6000 ± 0.1000, fp32-sketch 1.6000 ± 0.0954" in apollo and "**within seed noise**" in apollo
@@ -319,7 +323,7 @@ def test_long_quick_two_shards_then_resume(tmp_path, monkeypatch):
     report = (out / "convergence_long.md").read_text()
     assert "131,904 parameters" in report and f"{tokens:,} training tokens" in report
     assert "below the issue's 15" in report  # the toy size says it is a toy
-    assert report.count("seed noise**") == 4  # GaLore's and Fira's svd/rsvd, and one per variant
+    assert report.count("seed noise**") == 6  # GaLore's and Fira's svd/rsvd, and one per variant (4)
     if importlib.util.find_spec("matplotlib"):
         assert (out / "convergence_long.png").stat().st_size > 1000
 

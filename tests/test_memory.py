@@ -405,6 +405,7 @@ def test_process_peak_sees_a_transient_allocation():
 #: (``param_state_bytes`` + ``Projector.state_bytes``) against the state of a real run.
 DECLARED = [
     ("galore_adamw", {"rank": 8, "projector": "dct", "proj_type": "full"}),
+    ("galore_adamw", {"rank": 8, "projector_args": {"product_dtype": "bfloat16"}}),  # a bf16 basis
     ("galore_adamw", {"rank": 8, "proj_type": "full"}),
     ("galore_adamw", {"rank": 8, "proj_type": "reverse_std"}),
     ("galore_adamw", {"rank": 4, "projector": "entries"}),

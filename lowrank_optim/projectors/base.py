@@ -19,10 +19,25 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
-from .._validate import Check, check_known_keys, check_values
+from .._validate import Check, check_known_keys, check_values, choice
 from .transition import DenseMap, Transition
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+#: ``product_dtype``, an option of the projectors that multiply by a dense basis (svd, rsvd,
+#: random, gaussian): the dtype of their products with an fp32 (or fp64) gradient and update.
+#: ``"gradient"``: the gradient's own; ``"bfloat16"``: bf16 operands, the basis rounded to bf16
+#: when it is computed (and kept so), the result back in the gradient's dtype; ``"auto"``: bf16
+#: from rank :data:`BF16_PRODUCT_MIN_RANK`, the gradient's dtype below
+#: (docs/methods/projectors.md#product-precision).
+PRODUCT_DTYPE_CHECK = choice("gradient", "bfloat16", "auto")
+
+#: The rank from which ``product_dtype="auto"`` multiplies an fp32 gradient in bf16.  From
+#: there a product is bound by its r multiply-adds per gradient entry, which bf16 units run
+#: 2-4x faster, and that pays for the pass that rounds G; below it (APOLLO-Mini's rank 1 is a
+#: matrix-vector product, bound by memory) the rounding pass costs more than it saves
+#: (measured: docs/methods/projectors.md#product-precision).
+BF16_PRODUCT_MIN_RANK = 16
 
 
 # The side is stored as bit flags (an int survives load_state_dict; a str does not: torch
@@ -80,6 +95,9 @@ class Projector:
     former_defaults: ClassVar[dict[str, Any]] = {}
     #: Options whose values keep the same state (a checkpoint resumes across them).
     interchangeable_options: ClassVar[tuple[str, ...]] = ()
+    #: The products' dtype (see :data:`PRODUCT_DTYPE_CHECK`): projectors that offer the option
+    #: set it per group; the others multiply in the gradient's dtype.
+    product_dtype: str = "gradient"
 
     def __init__(
         self,
@@ -197,7 +215,8 @@ class Projector:
         the reference does: the subspace is computed in fp32 but a bf16 model keeps a bf16
         basis (half the memory)."""
         new = bases if bases is not None else self.checked_bases(grad.detach().float(), pstate)
-        return {k: compact(t.to(grad.dtype)) if t.is_floating_point() else t for k, t in new.items()}
+        stored = self.product_dtype_for(pstate["rank"], grad.dtype)  # bf16 products keep a bf16 basis
+        return {k: compact(t.to(stored)) if t.is_floating_point() else t for k, t in new.items()}
 
     def checked_bases(self, matrix: torch.Tensor, pstate: dict, compute=None) -> dict[str, torch.Tensor]:
         """``compute(matrix, pstate)`` (default :meth:`compute_bases`), a failed or
@@ -234,10 +253,13 @@ class Projector:
         sharded dimension whole), with the rank that side gets."""
         pstate.update(side=side, rank=self.rank_for(shape, side))
 
-    #: State keys holding tensors in the gradient's dtype (dense bases): a checkpoint
-    #: loaded into a model of another dtype casts them.  Other float state (INT4 scales,
-    #: similarity queues) keeps its dtype.
-    param_dtype_keys: ClassVar[tuple[str, ...]] = ("left", "right")
+    @property
+    def param_dtype_keys(self) -> tuple[str, ...]:
+        """State keys holding tensors in the gradient's dtype (dense bases): a checkpoint
+        loaded into a model of another dtype casts them.  Other float state (INT4 scales,
+        similarity queues) keeps its dtype, and so does a basis kept in bf16 for bf16
+        products (:meth:`bases` casts it where it is used)."""
+        return ("left", "right") if self.product_dtype == "gradient" else ()
 
     def low_shape(self, pstate: dict, shape: torch.Size) -> tuple[int, ...] | None:
         """The shape of R for a parameter of ``shape`` (None: it varies, e.g. FRUGAL's blocks)."""
@@ -290,29 +312,40 @@ class Projector:
 
     # ------------------------------------------------------------------ projection
     def bases(self, pstate: dict, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(P, Q): the left basis (m x r) and right basis (r x n); None for an unused side.
+        """(P, Q): the left basis (m x r) and right basis (r x n); None for an unused side,
+        in ``like``'s dtype (a no-op unless a checkpoint or the product dtype changed it).
 
         ``like`` gives the device and dtype for projectors that build their bases on use.
         """
-        return pstate.get("left"), pstate.get("right")
+        return tuple(None if b is None else b.to(like.dtype) for b in (pstate.get("left"), pstate.get("right")))
+
+    def product_dtype_for(self, rank: int, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the products of a rank-``rank`` basis with a ``dtype`` tensor run in (and
+        a stored basis is kept in): bf16 where ``product_dtype`` asks for it and ``dtype`` is
+        wider; a bf16 or fp16 tensor multiplies in its own dtype."""
+        choice = self.product_dtype
+        bf16 = choice == "bfloat16" or (choice == "auto" and rank >= BF16_PRODUCT_MIN_RANK)
+        return torch.bfloat16 if bf16 and dtype in (torch.float32, torch.float64) else dtype
 
     def project(self, grad: torch.Tensor, pstate: dict) -> torch.Tensor:
-        left, right = self.bases(pstate, grad)
-        low = grad
+        operand = grad.to(self.product_dtype_for(pstate["rank"], grad.dtype))
+        left, right = self.bases(pstate, operand)
+        low = operand
         if left is not None:
             low = left.t() @ low
         if right is not None:
             low = low @ right.t()
-        return low
+        return low.to(grad.dtype)
 
     def project_back(self, low: torch.Tensor, pstate: dict) -> torch.Tensor:
-        left, right = self.bases(pstate, low)
-        full = low
+        operand = low.to(self.product_dtype_for(pstate["rank"], low.dtype))
+        left, right = self.bases(pstate, operand)
+        full = operand
         if left is not None:
             full = left @ full
         if right is not None:
             full = full @ right
-        return full
+        return full.to(low.dtype)
 
     #: Whether up(down(·)) is an orthogonal projection (orthonormal bases, coordinate
     #: subsets), so that ‖G - up(down(G))‖² = ‖G‖² - ‖down(G)‖² holds along each kept
@@ -326,16 +359,25 @@ class Projector:
     def add_back(self, weight: torch.Tensor, low: torch.Tensor, pstate: dict, alpha: float, beta: float = 1.0) -> None:
         """``weight <- beta * weight + alpha * project_back(low)``, in place and without an
         m x n temporary where the projector allows: one ``addmm_`` with a dense basis (P N,
-        N Q; P (N Q) for both sides), a scatter of coordinates for index-based projectors."""
+        N Q; P (N Q) for both sides), a scatter of coordinates for index-based projectors.
+        With bf16 products into a wider weight the product is one bf16 m x n temporary,
+        added in place (``addmm_`` takes one dtype)."""
         if self.dense_bases:
-            left, right = self.bases(pstate, low)
+            operand = low.to(self.product_dtype_for(pstate["rank"], low.dtype))
+            left, right = self.bases(pstate, operand)
             if left is not None and right is not None:
-                low, right = low @ right, None  # r x n: the small product first
-            if left is not None:
-                weight.addmm_(left, low, beta=beta, alpha=alpha)
-                return
-            if right is not None:
-                weight.addmm_(low, right, beta=beta, alpha=alpha)
+                operand, right = operand @ right, None  # r x n: the small product first
+            if left is not None or right is not None:
+                if operand.dtype == weight.dtype:
+                    if left is not None:
+                        weight.addmm_(left, operand, beta=beta, alpha=alpha)
+                    else:
+                        weight.addmm_(operand, right, beta=beta, alpha=alpha)
+                    return
+                product = left @ operand if left is not None else operand @ right
+                if beta != 1.0:
+                    weight.mul_(beta)
+                weight.add_(product, alpha=alpha)
                 return
         if beta != 1.0:
             weight.mul_(beta)
@@ -393,6 +435,8 @@ class Projector:
         pstate = self.init_state(torch.Size(shape), 0)
         want_left, want_right = self.sides(pstate)
         rank = pstate["rank"]
+        if width > 2 and self.product_dtype_for(rank, torch.float32) == torch.bfloat16:
+            width = 2  # kept in bf16 for bf16 products
         return ((m * rank if want_left else 0) + (rank * n if want_right else 0)) * width
 
     def estimated_low_shape(self, shape: Sequence[int]) -> tuple[int, ...]:

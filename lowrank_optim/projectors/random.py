@@ -6,15 +6,7 @@ import math
 import torch
 
 from .._validate import boolean, choice
-from .base import Projector, orthonormal_columns, register_projector, unit_gaussian_scale
-
-
-#: The rank from which ``sketch_dtype="auto"`` sketches an fp32 gradient in bf16.  From
-#: there the product is bound by its r multiply-adds per gradient entry, which bf16 units run
-#: 2-4x faster, and that pays for the pass that rounds G; below it (APOLLO-Mini's rank 1 is a
-#: matrix-vector product, bound by memory) the rounding pass costs more than it saves
-#: (measured: docs/methods/projectors.md#sketch-precision).
-BF16_SKETCH_MIN_RANK = 16
+from .base import PRODUCT_DTYPE_CHECK, Projector, orthonormal_columns, register_projector, unit_gaussian_scale
 
 
 @register_projector
@@ -34,24 +26,23 @@ class RandomProjector(Projector):
     ``keep`` = False (default) or True: draw the basis once per refresh and keep it in the
     state (``left``/``right``, as the SVD projector's), trading the basis's memory for the
     draw at every step (a Gaussian draw is a large share of APOLLO's step; see
-    docs/methods/apollo.md).  The bases are the same either way; ``sketch_dtype`` =
-    ``"gradient"`` (default here: the product R = PᵀG in the gradient's dtype),
-    ``"bfloat16"`` (an fp32 or fp64 gradient is sketched in bf16: the basis is drawn, kept and
-    used rounded to bf16, and R comes back in the gradient's dtype) or ``"auto"`` (bf16 from
-    rank :data:`BF16_SKETCH_MIN_RANK`, the gradient's dtype below; the default of the
-    ``gaussian`` projector, APOLLO's).  See docs/methods/projectors.md#sketch-precision.
+    docs/methods/apollo.md).  The bases are the same either way; ``product_dtype`` (the
+    dense projectors' option, :data:`~.base.PRODUCT_DTYPE_CHECK`): ``"gradient"`` by default
+    here, ``"auto"`` for the ``gaussian`` projector (APOLLO's sketch: bf16 products from rank
+    16).  A drawn basis is rounded to the products' dtype, so a bf16 sketch and the
+    back-projection use one basis.
     """
 
     name = "random"
     refresh_reads_gradient = False  # a seeded draw: no communication under FSDP2
-    option_defaults = {"distribution": "orthonormal", "stream": "seeded", "keep": False, "sketch_dtype": "gradient"}
+    option_defaults = {"distribution": "orthonormal", "stream": "seeded", "keep": False, "product_dtype": "gradient"}
     option_checks = {
         "distribution": choice("orthonormal", "gaussian"), "stream": choice("seeded", "apollo"), "keep": boolean(),
-        "sketch_dtype": choice("gradient", "bfloat16", "auto"),
+        "product_dtype": PRODUCT_DTYPE_CHECK,
     }
-    # The product's precision changes no state (the kept basis is cast where it is used), so
-    # a checkpoint resumes under another sketch_dtype.
-    interchangeable_options = ("sketch_dtype",)
+    # The products' precision changes no state (a kept basis is cast where it is used), so
+    # a checkpoint resumes under another product_dtype.
+    interchangeable_options = ("product_dtype",)
 
     def __init__(self, rank, proj_type="std", update_proj_gap=200, density=None, *, seed=0, clock=0, **options):
         super().__init__(rank, proj_type, update_proj_gap, density, seed=seed, clock=clock,
@@ -63,7 +54,7 @@ class RandomProjector(Projector):
         the gradient's dtype (``reference_compat`` reproduces it to the bit) unless asked."""
         options = dict(options or {})
         if options.get("stream") == "apollo":
-            options.setdefault("sketch_dtype", "gradient")
+            options.setdefault("product_dtype", "gradient")
         return options
 
     @classmethod
@@ -98,8 +89,8 @@ class RandomProjector(Projector):
             new["draw_seed"] = pstate["seed"] + 1 if pstate["refreshes"] == 0 else _successor(pstate["draw_seed"])
         if self.keep:  # drawn once for the T steps until the next refresh: the draw bases() would make
             after = {**pstate, **new, "refreshes": pstate["refreshes"] + 1}
-            # Kept in the sketch's dtype: a bf16 sketch keeps half the bytes.
-            kept = self._draw_bases(after, grad.device, self.sketch_dtype_for(pstate["rank"], grad.dtype))
+            # Kept in the products' dtype: a bf16 sketch keeps half the bytes.
+            kept = self._draw_bases(after, grad.device, self.product_dtype_for(pstate["rank"], grad.dtype))
             for key, basis in zip(("left", "right"), kept):
                 if basis is not None:
                     new[key] = basis
@@ -107,44 +98,25 @@ class RandomProjector(Projector):
 
     def bases(self, pstate: dict, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.keep:
-            return tuple(None if b is None else b.to(like.dtype) for b in (pstate.get("left"), pstate.get("right")))
+            return super().bases(pstate, like)
         return self._draw_bases(pstate, like.device, like.dtype)
-
-    def project(self, grad: torch.Tensor, pstate: dict) -> torch.Tensor:
-        sketch = self.sketch_dtype_for(pstate["rank"], grad.dtype)
-        if sketch == grad.dtype:
-            return super().project(grad, pstate)
-        return super().project(grad.to(sketch), pstate).to(grad.dtype)
-
-    def sketch_dtype_for(self, rank: int, dtype: torch.dtype) -> torch.dtype:
-        """The dtype the basis is rounded to and R = PᵀG computed in, for a gradient of
-        ``dtype`` at ``rank``: bf16 where ``sketch_dtype`` asks for it and the gradient is
-        wider; a bf16 or fp16 gradient is sketched in its own dtype."""
-        bf16 = self.sketch_dtype == "bfloat16" or (self.sketch_dtype == "auto" and rank >= BF16_SKETCH_MIN_RANK)
-        return torch.bfloat16 if bf16 and dtype in (torch.float32, torch.float64) else dtype
-
-    @property
-    def param_dtype_keys(self) -> tuple[str, ...]:
-        # A basis kept in the sketch's dtype stays in it when a checkpoint is loaded into a
-        # model of another dtype (bases() casts it where it is used).
-        return super().param_dtype_keys if self.sketch_dtype == "gradient" else ()
 
     def _draw_bases(self, pstate: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         m, n = pstate["shape"]
         want_left, want_right = self.sides(pstate)
         rank = pstate["rank"]
-        # Rounded to the sketch's dtype first, so that the projection and any back-projection
-        # (GaLore's, in the gradient's dtype) use one and the same basis.
-        sketch = self.sketch_dtype_for(rank, dtype)
+        # Rounded to the products' dtype first, so that every product with it (a bf16 sketch,
+        # a transition in fp32) uses one and the same basis.
+        rounded = self.product_dtype_for(rank, dtype)
         if self.stream == "apollo":
             # apollo_torch's draw: fp32 N(0, 1) of the basis's own shape, divided by √r.
             gen = torch.Generator(device=device).manual_seed(pstate["draw_seed"])
             shape = (m, rank) if want_left else (rank, n)
-            basis = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) / math.sqrt(rank)).to(sketch).to(dtype)
+            basis = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) / math.sqrt(rank)).to(rounded).to(dtype)
             return (basis, None) if want_left else (None, basis)
         gen = self.generator(pstate["seed"], pstate["refreshes"], device)
-        left = self._draw(m, rank, gen, device).to(sketch).to(dtype) if want_left else None
-        right = self._draw(n, rank, gen, device).t().to(sketch).to(dtype) if want_right else None
+        left = self._draw(m, rank, gen, device).to(rounded).to(dtype) if want_left else None
+        right = self._draw(n, rank, gen, device).t().to(rounded).to(dtype) if want_right else None
         return left, right
 
     def _draw(self, size: int, rank: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -154,10 +126,8 @@ class RandomProjector(Projector):
         return sample * unit_gaussian_scale(rank)
 
     def state_bytes(self, shape, width: int) -> int:
-        if self.keep:  # the kept basis, as the SVD projector's, in the sketch's dtype
-            rank = self.init_state(torch.Size(shape), 0)["rank"]
-            bf16 = self.sketch_dtype_for(rank, torch.float32) == torch.bfloat16 and width > 2
-            return super().state_bytes(shape, 2 if bf16 else width)
+        if self.keep:
+            return super().state_bytes(shape, width)  # the kept basis, as the SVD projector's
         return 0  # seeds and counts (Python ints): the basis is redrawn when used, never kept
 
 
@@ -168,9 +138,9 @@ class GaussianProjector(RandomProjector):
 
     name = "gaussian"
     # APOLLO's sketch only estimates norms: bf16 products at the ranks where they pay.
-    option_defaults = {**RandomProjector.option_defaults, "distribution": "gaussian", "sketch_dtype": "auto"}
+    option_defaults = {**RandomProjector.option_defaults, "distribution": "gaussian", "product_dtype": "auto"}
     # Until the bf16 sketch, every product ran in the gradient's dtype.
-    former_defaults = {"sketch_dtype": "gradient"}
+    former_defaults = {"product_dtype": "gradient"}
 
 
 def _successor(seed: int) -> int:

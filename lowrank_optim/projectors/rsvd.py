@@ -7,7 +7,7 @@ import torch
 
 from .. import ops  # noqa: F401  (defines torch.ops.lowrank_optim.batched_randomized_svd)
 from .._validate import int_at_least
-from .base import Projector, register_projector
+from .base import PRODUCT_DTYPE_CHECK, Projector, register_projector
 from .svd import select_sides
 
 
@@ -37,8 +37,10 @@ class RandomizedSVDProjector(Projector):
 
     name = "rsvd"
     state_family = "singular_vectors"
-    option_defaults = {"oversample": 8, "power_iters": 2, "batch": 8}
-    option_checks = {"oversample": int_at_least(0), "power_iters": int_at_least(0), "batch": int_at_least(1)}
+    option_defaults = {"oversample": 8, "power_iters": 2, "batch": 8, "product_dtype": "gradient"}
+    option_checks = {"oversample": int_at_least(0), "power_iters": int_at_least(0), "batch": int_at_least(1),
+                     "product_dtype": PRODUCT_DTYPE_CHECK}
+    interchangeable_options = ("product_dtype",)
     batches_refresh = True
 
     def compute_bases(self, matrix: torch.Tensor, pstate: dict) -> dict[str, torch.Tensor]:

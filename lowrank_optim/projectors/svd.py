@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Projector, register_projector
+from .base import PRODUCT_DTYPE_CHECK, Projector, register_projector
 
 
 @register_projector
@@ -16,6 +16,11 @@ class SVDProjector(Projector):
 
     name = "svd"
     state_family = "singular_vectors"
+    # The products' dtype (the gradient's by default: galore_torch's bits); a bf16 basis is
+    # cast where it is used, so a checkpoint resumes under another value.
+    option_defaults = {"product_dtype": "gradient"}
+    option_checks = {"product_dtype": PRODUCT_DTYPE_CHECK}
+    interchangeable_options = ("product_dtype",)
 
     def compute_bases(self, matrix: torch.Tensor, pstate: dict) -> dict[str, torch.Tensor]:
         u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
