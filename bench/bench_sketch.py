@@ -1,4 +1,4 @@
-r"""Sketch precision: the random projector's product R = PᵀG in the gradient's dtype (fp32)
+r"""Product precision: the gaussian projector's sketch R = PᵀG in the gradient's dtype (fp32)
 against bf16 operands, per rank, at LLaMA-60M shapes.
 
 Run from the repository root::
@@ -7,12 +7,12 @@ Run from the repository root::
     python bench/bench_sketch.py --quick       # one small shape, seconds
     python bench/bench_sketch.py --device cuda
 
-For each rank and shape it times ``GaussianProjector.project`` with ``sketch_dtype=
+For each rank and shape it times ``GaussianProjector.project`` with ``product_dtype=
 "gradient"`` and ``"bfloat16"`` on an fp32 gradient, the basis kept (``keep=True``) so that
 only the product is timed (the draw is the same fp32 draw either way): the bf16 time
 includes rounding G.  Also the relative error of the bf16 sketch, ‖R_bf16 − R‖ / ‖R‖, and
 that of its per-channel norms (what APOLLO's scaling reads).  The last column says what
-``sketch_dtype="auto"`` picks (bf16 from ``BF16_SKETCH_MIN_RANK``), so a reader can see
+``product_dtype="auto"`` picks (bf16 from ``BF16_PRODUCT_MIN_RANK``), so a reader can see
 whether that threshold suits this machine.  Contenders run round-robin
 (``bench/common.py``); nothing is asserted.  Tables to stdout and ``DIR/bench_sketch.md``,
 raw samples to ``DIR/bench_sketch.json``.
@@ -26,7 +26,7 @@ import torch
 from common import (announce_machine, gradient_like, interleaved_samples, load_average, median, run_record,
                     synchronizer, timing_parser, write_results)  # bench/ is on sys.path when run as a script
 from lowrank_optim.projectors import REGISTRY
-from lowrank_optim.projectors.random import BF16_SKETCH_MIN_RANK
+from lowrank_optim.projectors.base import BF16_PRODUCT_MIN_RANK
 from tables import table
 
 RANKS = (1, 4, 8, 16, 32, 64, 128, 256)
@@ -38,7 +38,7 @@ def bench_case(shape: tuple[int, int], rank: int, repeats: int, device: torch.de
     grad = gradient_like(*shape, rank=min(shape) // 4, seed=0, device=device)
     projectors, states = {}, {}
     for name in ("gradient", "bfloat16"):
-        projector = REGISTRY["gaussian"](rank, "std", 200, keep=True, sketch_dtype=name)
+        projector = REGISTRY["gaussian"](rank, "std", 200, keep=True, product_dtype=name)
         pstate = projector.init_state(grad.shape, seed=1)
         projector.refresh(grad, pstate)
         projectors[name], states[name] = projector, pstate
@@ -55,7 +55,7 @@ def bench_case(shape: tuple[int, int], rank: int, repeats: int, device: torch.de
         "ratio": times["bfloat16"] / times["gradient"],
         "error": float((rounded - exact).norm() / exact.norm()),
         "norm_error": float(((rounded_norms - exact_norms).abs() / exact_norms).max()),
-        "auto": "bf16" if rank >= BF16_SKETCH_MIN_RANK else "fp32", "samples": samples,
+        "auto": "bf16" if rank >= BF16_PRODUCT_MIN_RANK else "fp32", "samples": samples,
     }  # fmt: skip
 
 

@@ -205,6 +205,9 @@ def contenders(rank: int, gap: int) -> list[Contender]:
         Contender("ours GaLoreAdamW svd", ours("galore_adamw"), "lowrank_optim", G, "galore_adamw"),
         Contender("ours GaLoreAdamW rsvd", ours("galore_adamw", projector="rsvd"), "lowrank_optim", G, "galore_adamw", "rsvd"),
         Contender("ours GaLoreAdamW random", ours("galore_adamw", projector="random"), "lowrank_optim", G, "galore_adamw", "random"),
+        # Both products on bf16 operands (the basis kept in bf16): opt-in for GaLore.
+        Contender("ours GaLoreAdamW rsvd bf16", ours("galore_adamw", projector="rsvd", projector_args={"product_dtype": "bfloat16"}),
+                  "lowrank_optim", G, "galore_adamw", "rsvd"),
         Contender("ours GaLoreAdafactor", ours("galore_adafactor", **adafactor), "lowrank_optim", "galore_torch GaLoreAdafactor", "galore_adafactor"),
         Contender("ours GaLoreAdamW8bit", ours("galore_adamw8bit"), "lowrank_optim", "bitsandbytes AdamW8bit", "galore_adamw8bit"),
         Contender("ours QGaLoreAdamW8bit", ours("qgalore_adamw8bit"), "lowrank_optim", "q_galore_torch QGaLoreAdamW8bit", "qgalore_adamw8bit"),
@@ -220,9 +223,9 @@ def contenders(rank: int, gap: int) -> list[Contender]:
         Contender("ours ApolloAdamW keep", ours("apollo_adamw", scale=apollo_keys["scale"], projector_args={"keep": True}),
                   "lowrank_optim", A, "apollo_adamw"),
         # The sketch product in the gradient's dtype (fp32 here), apollo_torch's arithmetic:
-        # the default runs it in bf16 from rank 16 (projectors.random.BF16_SKETCH_MIN_RANK).
+        # the default runs it in bf16 from rank 16 (projectors.base.BF16_PRODUCT_MIN_RANK).
         Contender("ours ApolloAdamW fp32 sketch", ours("apollo_adamw", scale=apollo_keys["scale"],
-                                                       projector_args={"sketch_dtype": "gradient"}),
+                                                       projector_args={"product_dtype": "gradient"}),
                   "lowrank_optim", A, "apollo_adamw"),
         Contender("ours ApolloMiniAdamW", ours("apollo_mini_adamw", rank=1, scale=math.sqrt(mini_keys["scale"]), scaling="tensor"),
                   "lowrank_optim", AM, "apollo_mini_adamw", rank=1),

@@ -183,8 +183,10 @@ LONG_ADAMW_GRID = (1e-3, 3e-3, 1e-2)
 LONG_CONTENDERS: tuple[tuple[str, str | None, float, str | None], ...] = (
     ("galore_adamw", "svd", 3e-2, None),
     ("galore_adamw", "rsvd", 3e-2, None),
+    ("galore_adamw", "rsvd", 3e-2, "bf16-products"),
     ("fira_adamw", "svd", 3e-2, None),
     ("fira_adamw", "rsvd", 3e-2, None),
+    ("fira_adamw", "rsvd", 3e-2, "bf16-products"),
     ("frugal_adamw", "svd", 1e-2, None),
     ("qgalore_adamw8bit", None, 3e-2, None),
     ("galore_adamw8bit", "svd", 3e-2, None),
@@ -199,7 +201,9 @@ LONG_CONTENDERS: tuple[tuple[str, str | None, float, str | None], ...] = (
 #: default on the same seeds (:func:`projector_verdicts`).
 VARIANTS: dict[str, tuple[str, ...]] = {
     # The sketch product in the gradient's dtype (fp32): APOLLO's default before the bf16 sketch.
-    "fp32-sketch": ("--opt-arg", "{optimizer}:projector_args=sketch_dtype:gradient"),
+    "fp32-sketch": ("--opt-arg", "{optimizer}:projector_args=product_dtype:gradient"),
+    # Both products of a dense basis on bf16 operands (opt-in for the SVD projectors).
+    "bf16-products": ("--opt-arg", "{optimizer}:projector_args=product_dtype:bfloat16"),
     # The LM head projected too: APOLLO-Mini's SGD-like memory on a model whose embedding and
     # head are most of its parameters (60M: 56%), against the paper's attention + MLP.
     "head": ("--target-modules", "attn,mlp,lm_head"),
@@ -583,7 +587,7 @@ def projector_verdicts(groups: list[dict]) -> list[str]:
     long = [g for g in groups if "long" in g["sweeps"]]
     lines = []
     for optimizer in DECISION:
-        pair = {g["projector"]: g for g in long if g["optimizer"] == optimizer}
+        pair = {g["projector"]: g for g in long if g["optimizer"] == optimizer and g.get("variant") is None}
         if {"svd", "rsvd"} <= set(pair):
             lines.append(paired_verdict(optimizer, ("svd", pair["svd"]), ("rsvd", pair["rsvd"])))
     planned = {(o, p, k): lr for o, p, lr, k in LONG_CONTENDERS}
