@@ -368,14 +368,16 @@ def mib(x: float | None) -> str:
 def rows(cs: list[Contender], gap: int) -> list[dict]:
     """One record per measured contender, with every ratio against its peer and AdamW."""
     measured = {c.label: c for c in cs if c.step_times}
+    run = {c.label for c in cs}  # what --only kept: a peer left out of it did not fail
     stats = {label: summary(c, gap) for label, c in measured.items()}
     out = []
     for label, c in measured.items():
         s, peer = stats[label], measured.get(c.peer)
         p = stats.get(c.peer, {})
         adamw = measured.get(ADAMW)
+        missing = "(failed)" if c.peer in run else "(not in --only)"
         out.append({
-            "label": label, "peer": c.peer if peer else (f"{c.peer} (failed)" if c.peer else None),
+            "label": label, "peer": c.peer if peer else (f"{c.peer} {missing}" if c.peer else None),
             **{f"{k}_s": v for k, v in s.items()},
             **{f"{k}_vs_peer": (v / p[k] if peer and v is not None and p.get(k) else None) for k, v in s.items()},
             "state_bytes": c.state_bytes, "minimum_bytes": c.minimum_bytes,

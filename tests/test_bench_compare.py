@@ -345,3 +345,11 @@ def test_bench_sketch_quick_times_both_products_and_says_what_auto_picks(tmp_pat
         assert r["fp32_ms"] > 0 and r["bf16_ms"] > 0 and r["ratio"] == pytest.approx(r["bf16_ms"] / r["fp32_ms"])
         assert 0 < r["error"] < 0.02  # bf16 operands: about 2^-8 relative, not a different sketch
     assert "| 64x96 | 16 |" in (tmp_path / "bench_sketch.md").read_text()
+
+
+def test_a_peer_left_out_by_only_is_not_called_failed():
+    ours = compare.Contender("ours X", lambda s: None, "lowrank_optim", "peer Y", step_times=[1.0, 1.0])
+    left_out = compare.rows([ours], gap=2)[0]
+    assert left_out["peer"] == "peer Y (not in --only)"
+    crashed = compare.Contender("peer Y", lambda s: None, "torch")  # selected, never timed
+    assert compare.rows([ours, crashed], gap=2)[0]["peer"] == "peer Y (failed)"
