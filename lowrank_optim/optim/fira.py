@@ -112,9 +112,10 @@ class FiraAdamW(LowRankOptimizer):
         scaling.refuse_per_channel_on_two_sides(type(self).__name__, group, index, 'column', 'matrix')
 
     def materializes_direction(self, group: dict, projector) -> bool:
-        # The factored form needs ‖S‖ without S, from ‖G‖² - ‖R‖² (an orthogonal split);
-        # the reference's residual G - αPR is not one, and its arithmetic is pinned to fira's.
-        return group["reference_compat"] or not projector.orthonormal
+        # The factored form needs ‖S‖ without S, from ‖G‖² - ‖R‖² (an orthogonal split in
+        # exact products); the reference's residual G - αPR is not one, and its arithmetic is
+        # pinned to fira's.
+        return group["reference_compat"] or not projector.residual_norm_from_low
 
     def factored_update(self, step: ParamStep) -> tuple[torch.Tensor, torch.Tensor | None]:
         r"""The paper's update without forming S (or P R) at full size.

@@ -352,6 +352,14 @@ class Projector:
     #: channel (Fira's residual norm without forming the residual).
     orthonormal: ClassVar[bool] = True
 
+    @property
+    def residual_norm_from_low(self) -> bool:
+        """Whether ‖G - up(down(G))‖² = ‖G‖² - ‖down(G)‖² holds to the gradient's precision, so
+        that a method may take the residual's norm without forming it: an orthogonal projection
+        with products in the gradient's dtype.  bf16 products round R by about 2⁻⁸, and the
+        subtraction turns that into a large error when R holds most of G's energy."""
+        return self.orthonormal and self.product_dtype == "gradient"
+
     #: Whether :meth:`bases` gives the dense matrices :meth:`project_back` multiplies by, so
     #: that :meth:`add_back` can multiply straight into the weight.
     dense_bases: ClassVar[bool] = True
