@@ -26,7 +26,7 @@ import torch
 from common import (announce_machine, gradient_like, interleaved_samples, load_average, median, run_record,
                     synchronizer, timing_parser, write_results)  # bench/ is on sys.path when run as a script
 from lowrank_optim.projectors import REGISTRY
-from lowrank_optim.projectors.base import BF16_PRODUCT_MIN_RANK
+from lowrank_optim.projectors.options import BF16_PRODUCT_MIN_RANK
 from tables import table
 
 RANKS = (1, 4, 8, 16, 32, 64, 128, 256)

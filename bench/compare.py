@@ -223,7 +223,7 @@ def contenders(rank: int, gap: int) -> list[Contender]:
         Contender("ours ApolloAdamW keep", ours("apollo_adamw", scale=apollo_keys["scale"], projector_args={"keep": True}),
                   "lowrank_optim", A, "apollo_adamw"),
         # The sketch product in the gradient's dtype (fp32 here), apollo_torch's arithmetic:
-        # the default runs it in bf16 from rank 16 (projectors.base.BF16_PRODUCT_MIN_RANK).
+        # the default runs it in bf16 from rank 16 (projectors.options.BF16_PRODUCT_MIN_RANK).
         Contender("ours ApolloAdamW fp32 sketch", ours("apollo_adamw", scale=apollo_keys["scale"],
                                                        projector_args={"product_dtype": "gradient"}),
                   "lowrank_optim", A, "apollo_adamw"),

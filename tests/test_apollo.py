@@ -12,7 +12,7 @@ import lowrank_optim as lo
 from conftest import assert_factored_equals_formed, fake_grads, make_params, mse_losses, twin_params
 from lowrank_optim import memory
 from lowrank_optim.projectors import REGISTRY
-from lowrank_optim.projectors.base import BF16_PRODUCT_MIN_RANK
+from lowrank_optim.projectors.options import BF16_PRODUCT_MIN_RANK
 
 apollo_torch = pytest.importorskip("apollo_torch")
 

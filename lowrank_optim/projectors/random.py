@@ -6,7 +6,8 @@ import math
 import torch
 
 from .._validate import boolean, choice
-from .base import PRODUCT_DTYPE_CHECK, Projector, orthonormal_columns, register_projector, unit_gaussian_scale
+from .base import Projector, orthonormal_columns, register_projector, unit_gaussian_scale
+from .options import PRODUCT_DTYPE_CHECK
 
 
 @register_projector
@@ -27,7 +28,7 @@ class RandomProjector(Projector):
     state (``left``/``right``, as the SVD projector's), trading the basis's memory for the
     draw at every step (a Gaussian draw is a large share of APOLLO's step; see
     docs/methods/apollo.md).  The bases are the same either way; ``product_dtype`` (the
-    dense projectors' option, :data:`~.base.PRODUCT_DTYPE_CHECK`): ``"gradient"`` by default
+    dense projectors' option, :data:`~.options.PRODUCT_DTYPE_CHECK`): ``"gradient"`` by default
     here, ``"auto"`` for the ``gaussian`` projector (APOLLO's sketch: bf16 products from rank
     16).  A drawn basis is rounded to the products' dtype, so a bf16 sketch and the
     back-projection use one basis.

@@ -7,7 +7,8 @@ import torch
 
 from .. import ops  # noqa: F401  (defines torch.ops.lowrank_optim.batched_randomized_svd)
 from .._validate import int_at_least
-from .base import PRODUCT_DTYPE_CHECK, Projector, register_projector
+from .base import Projector, register_projector
+from .options import PRODUCT_DTYPE_CHECK
 from .svd import select_sides
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import PRODUCT_DTYPE_CHECK, Projector, register_projector
+from .base import Projector, register_projector
+from .options import PRODUCT_DTYPE_CHECK
 
 
 @register_projector
