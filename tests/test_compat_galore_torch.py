@@ -282,3 +282,19 @@ def test_a_checkpoint_of_our_galore_adamw_cannot_bring_its_arithmetic_in():
     twin = compat.GaLoreAdamW([{"params": [p], "rank": 2, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"}])
     with pytest.raises(ValueError, match=r"eps_style='torch' in param group 0 is not supported.*loading a checkpoint"):
         twin.load_state_dict(ours.state_dict())
+
+
+@pytest.mark.parametrize("cls", ["GaLoreAdamW", "GaLoreAdafactor"])
+def test_bf16_products_are_refused_at_construction_and_on_load(cls):
+    """galore_torch multiplies in the gradient's dtype: product_dtype='bfloat16' is ours only."""
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    group = {"params": [p], "rank": 2, "update_proj_gap": 2, "scale": 0.25, "proj_type": "std"}
+    with pytest.raises(ValueError, match=r"projector_args product_dtype='bfloat16' in param group 0 is not supported"):
+        getattr(compat, cls)([{**group, "projector_args": {"product_dtype": "bfloat16"}}])
+    ours = lo.GaLoreAdamW([{**group, "projector": "svd", "projector_args": {"product_dtype": "bfloat16"}}],
+                          eps=1e-6, eps_style="hf", decay_after_update=True)
+    p.grad = torch.randn_like(p)
+    ours.step()
+    twin = compat.GaLoreAdamW([group])
+    with pytest.raises(ValueError, match=r"product_dtype='bfloat16' in param group 0 is not supported"):
+        twin.load_state_dict(ours.state_dict())

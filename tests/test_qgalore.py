@@ -607,3 +607,11 @@ def test_grad_scaler_other_than_the_attached_one_is_refused_and_leaves_the_optim
     nn.functional.mse_loss(model(x), y).backward()
     opt.step()  # a plain step afterwards works
     assert not torch.equal(model.mlp.weight, before)
+
+
+def test_an_inner_product_dtype_is_refused_as_without_effect():
+    """int4 multiplies from its INT4 codes; a product_dtype for the inner SVD would change
+    nothing but the basis it quantizes, so it is refused rather than silently ignored."""
+    w = torch.nn.Parameter(torch.randn(32, 24))
+    with pytest.raises(ValueError, match=r"QGaLoreAdamW8bit: projector_args inner_args product_dtype='bfloat16'.*no effect"):
+        QGaLoreAdamW8bit([{"params": [w], "rank": 4, "projector_args": {"inner_args": {"product_dtype": "bfloat16"}}}])

@@ -133,6 +133,12 @@ class _GaLoreTorchGroups:
                     f"lowrank_optim.{name} to choose {key}",
                     where,
                 )
+        product = (group.get("projector_args") or {}).get("product_dtype", "gradient")
+        if product != "gradient":
+            raise _refuse(
+                name, "projector_args product_dtype", product,
+                f"galore_torch multiplies in the gradient's dtype; use lowrank_optim.{name} for bf16 products", where,
+            )
 
     def materializes_direction(self, group: dict, projector: Projector) -> bool:
         # galore_torch forms scale * project_back(N) at full size and then adds it to the

@@ -98,6 +98,12 @@ class QuantizedProjector(Projector):
         options = dict(options or {})
         inner = REGISTRY[options.get("inner", cls.option_defaults["inner"])]
         inner.validate_options(owner, options.get("inner_args"), f"{where} (inner_args of projector 'int4')")
+        if "product_dtype" in (options.get("inner_args") or {}):
+            # The inner projector only computes the basis; every product runs from the INT4 codes.
+            raise ValueError(
+                f"{owner}: projector_args inner_args product_dtype={options['inner_args']['product_dtype']!r} in "
+                f"{where} has no effect: projector 'int4' multiplies from its INT4 codes, not with the inner basis"
+            )
 
     # ------------------------------------------------------------------ schedule
     def init_state(self, shape: torch.Size, seed: int, group_slot: tuple[int, int] = (0, 1)) -> dict:
