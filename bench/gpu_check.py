@@ -190,6 +190,10 @@ def stage_step(out: Path, tiny: bool, repeats: int, steady_steps: int) -> int:
                                                           projector="svd"),
         "ours rsvd": lambda gap: lowrank_optim.GaLoreAdamW(group(params(), gap), lr=1e-3, weight_decay=0.0,
                                                            projector="rsvd"),
+        # both products on bf16 operands (opt-in): what tensor cores make of fp32 weights
+        "ours rsvd bf16": lambda gap: lowrank_optim.GaLoreAdamW(group(params(), gap), lr=1e-3, weight_decay=0.0,
+                                                                projector="rsvd",
+                                                                projector_args={"product_dtype": "bfloat16"}),
     }  # fmt: skip
     sync = synchronizer(device)
     steady_opts = {k: make(T) for k, make in makers.items()}

@@ -14,7 +14,8 @@
 #   tests    pytest tests/test_cuda*.py (junit report: tests.xml)
 #   kernels  bench/bench_kernels.py at LLaMA-1B shapes: batched rSVD vs the best PyTorch path,
 #            INT4 fused product vs dequantize + matmul and what the public op picked (targets 1.5x)
-#   step     GaLore steady/refresh/amortized step vs galore_torch, one LLaMA-1B block (target 0.5x)
+#   step     GaLore steady/refresh/amortized step vs galore_torch, one LLaMA-1B block (target 0.5x),
+#            with fp32 and with bf16 products (product_dtype="bfloat16")
 #   memory   CUDA allocator peak per phase (forward, backward, step, refresh step)
 #   summary  OUT_DIR/summary.md, OUT_DIR/summary.json
 # Files: OUT_DIR/<stage>.json (status, exit code, seconds, time box), <stage>.details.json

@@ -73,7 +73,7 @@ def test_each_measuring_stage_wrote_sane_numbers(dry_run):
     assert kernels["rsvd"] and kernels["int4"]
     assert all(row["auto_paths"] == "default kernel" for row in kernels["int4"])  # CPU: no choice to make
     step = json.loads((out / "step.details.json").read_text())
-    assert set(step["results"]) == {"galore_torch", "ours svd", "ours rsvd"}
+    assert set(step["results"]) == {"galore_torch", "ours svd", "ours rsvd", "ours rsvd bf16"}
     for ratios in step["ratios"].values():
         assert all(math.isfinite(r) and r > 0 for r in ratios.values())
     assert isinstance(step["met"], bool)
