@@ -149,12 +149,17 @@ def test_apollo_trains_on_every_kind_of_sketch(group):
     assert all(torch.isfinite(m).all() and not torch.equal(m, s) for m, s in zip(mats, start))
 
 
-def test_layerwise_apollo_equals_a_regular_step():
+@pytest.mark.parametrize("product", ["auto", "bfloat16"])
+def test_layerwise_apollo_equals_a_regular_step(product):
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({"attn": torch.nn.Linear(12, 20), "head": torch.nn.Linear(20, 3)})
     twin = torch.nn.ModuleDict({"attn": torch.nn.Linear(12, 20), "head": torch.nn.Linear(20, 3)})
     twin.load_state_dict(model.state_dict())
-    build = lambda m, **kw: lo.ApolloAdamW(lo.param_groups(m, ("attn",), rank=4, update_proj_gap=3), lr=1e-2, **kw)  # noqa: E731
+
+    def build(m, **kw):
+        groups = lo.param_groups(m, ("attn",), rank=4, update_proj_gap=3, projector_args={"product_dtype": product})
+        return lo.ApolloAdamW(groups, lr=1e-2, **kw)
+
     opt, layerwise = build(model), build(twin, layerwise=True)
     gen = torch.Generator().manual_seed(1)
     for _ in range(7):
@@ -167,9 +172,7 @@ def test_layerwise_apollo_equals_a_regular_step():
         assert torch.equal(p, q)
 
 
-# ---------------------------------------------------------------------------- sketch precision
-
-
+# ---------------------------------------------------------------------------- product precision
 def sketch_of(rank, product_dtype, shape=(24, 48), keep=False):
     """A gaussian projector's state after its first refresh, and the projector."""
     projector = REGISTRY["gaussian"](rank, "std", 5, product_dtype=product_dtype, keep=keep)
