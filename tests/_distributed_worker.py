@@ -49,6 +49,10 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
         "galore_std_wide": lambda g: lo.GaLoreAdamW([{**g[0], "proj_type": std_under_fsdp}, g[1]], lr=1e-2),
         "galore_svd": lambda g: lo.GaLoreAdamW(g, lr=1e-2, weight_decay=0.1),
         "galore_rsvd": lambda g: lo.GaLoreAdamW([{**g[0], "projector": "rsvd"}, g[1]], lr=1e-2),
+        # bf16 products: the update is a bf16 product added into each rank's fp32 block
+        "galore_rsvd_bf16": lambda g: lo.GaLoreAdamW(
+            [{**g[0], "projector": "rsvd", "projector_args": {"product_dtype": "bfloat16"}}, g[1]], lr=1e-2
+        ),
         "galore_random_project": lambda g: lo.GaLoreAdamW(
             [{**g[0], "projector": "random", "on_refresh": "project"}, g[1]], lr=1e-2
         ),
@@ -72,7 +76,7 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
 
 
 OPTIMIZERS = (
-    "galore_svd", "galore_std_wide", "galore_rsvd", "galore_random_project", "fira", "fira_matrix", "frugal_svd",
+    "galore_svd", "galore_std_wide", "galore_rsvd", "galore_rsvd_bf16", "galore_random_project", "fira", "fira_matrix", "frugal_svd",
     "frugal_columns_keep", "frugal_blocks", "dct", "apollo", "apollo_mini", "apollo_bf16_sketch",
 )
 
