@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lowrank_optim as lo
-from conftest import assert_factored_equals_formed, fake_grads, make_params, mse_losses, twin_params
+from conftest import assert_factored_equals_formed, fake_grads, make_params, product_dtype_curve, twin_params
 from lowrank_optim import memory
 from lowrank_optim.projectors import REGISTRY
 from lowrank_optim.projectors.options import BF16_PRODUCT_MIN_RANK
@@ -35,7 +35,12 @@ def test_reference_compat_is_apollo_torch_bit_for_bit(scaling, rank, reference_s
           "scaling": scaling, "projector_args": APOLLO_STREAM}, {"params": ours_params[3:]}],
         lr=1e-2, weight_decay=0.1, **REFERENCE_RECIPE,
     )
-    for t in range(30):
+    assert_steps_like_apollo_torch(ours, ours_params, ref, ref_params, steps=30)
+
+
+def assert_steps_like_apollo_torch(ours, ours_params, ref, ref_params, steps: int) -> None:
+    """Both optimizers step on the same gradients; the weights stay equal bit for bit."""
+    for t in range(steps):
         fake_grads(ref_params, t)
         fake_grads(ours_params, t)
         ref.step()
@@ -234,19 +239,7 @@ def test_a_kept_bf16_sketch_is_stored_in_bf16_and_counted_so():
 
 
 def test_apollo_at_rank_16_trains_as_well_with_the_bf16_sketch():
-    ratios = {}
-    for sketch in ("gradient", "auto"):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 1))
-        gen = torch.Generator().manual_seed(11)
-        x = torch.randn(64, 32, generator=gen)
-        y = torch.sin(x.sum(1, keepdim=True))
-        matrices = [model[0].weight]
-        others = [p for p in model.parameters() if p is not model[0].weight]
-        opt = lo.ApolloAdamW([{"params": matrices, "rank": 16, "update_proj_gap": 10,
-                               "projector_args": {"product_dtype": sketch}}, {"params": others}], lr=1e-2)
-        losses = mse_losses(model, opt, x, y, 60)
-        ratios[sketch] = losses[-1] / losses[0]
+    ratios = {sketch: product_dtype_curve(lo.ApolloAdamW, sketch)[-1] for sketch in ("gradient", "auto")}
     assert ratios["gradient"] < 0.5  # it trains ...
     assert abs(ratios["auto"] - ratios["gradient"]) <= 0.1 * ratios["gradient"], ratios  # ... the same with bf16
 
@@ -263,13 +256,7 @@ def test_apollo_torch_stream_keeps_the_gradients_dtype_at_a_large_rank():
                           lr=1e-2, weight_decay=0.0, **REFERENCE_RECIPE)
     ref.param_groups[0]["weight_decay"] = 0.0
     assert ours.param_groups[0]["projector_args"]["product_dtype"] == "gradient"
-    for t in range(10):
-        fake_grads(ref_params, t)
-        fake_grads(ours_params, t)
-        ref.step()
-        ours.step()
-    for p, q in zip(ours_params, ref_params):
-        assert torch.equal(p, q)
+    assert_steps_like_apollo_torch(ours, ours_params, ref, ref_params, steps=10)
 
 
 def test_a_checkpoint_from_before_the_bf16_sketch_resumes_with_its_fp32_sketch():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lowrank_optim as lo
-from conftest import mse_losses
+from conftest import mse_losses, product_dtype_curve
 from lowrank_optim.projectors import REGISTRY, randomized_svd
 from lowrank_optim.projectors.base import LEFT, RIGHT, choose_side
 
@@ -224,18 +224,7 @@ def test_bf16_products_of_a_dense_basis_keep_it_in_bf16_and_round_every_operand(
 def test_galore_trains_as_well_with_bf16_products():
     """The same curve while the loss is above a few % of its start; closer to the full-batch
     optimum the bf16-rounded update shows (0.2% of the initial loss left against 0.09%)."""
-    curves = {}
-    for product in ("gradient", "bfloat16"):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 1))
-        gen = torch.Generator().manual_seed(11)
-        x = torch.randn(64, 32, generator=gen)
-        y = torch.sin(x.sum(1, keepdim=True))
-        others = [p for p in model.parameters() if p is not model[0].weight]
-        opt = lo.GaLoreAdamW([{"params": [model[0].weight], "rank": 16, "update_proj_gap": 10,
-                               "projector_args": {"product_dtype": product}}, {"params": others}], lr=1e-2)
-        losses = mse_losses(model, opt, x, y, 60)
-        curves[product] = [loss / losses[0] for loss in losses]
+    curves = {product: product_dtype_curve(lo.GaLoreAdamW, product) for product in ("gradient", "bfloat16")}
     for step in (10, 20, 30):  # down to 8% of the initial loss: the same within 2%
         assert curves["bfloat16"][step] == pytest.approx(curves["gradient"][step], rel=0.02), step
     assert curves["gradient"][-1] < 0.005 and curves["bfloat16"][-1] < 0.005  # both converge

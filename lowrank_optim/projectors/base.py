@@ -25,7 +25,6 @@ from .transition import DenseMap, Transition
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
 
-
 # The side is stored as bit flags (an int survives load_state_dict; a str does not: torch
 # rebuilds iterables element by element).
 LEFT, RIGHT = 1, 2
